@@ -1,0 +1,1 @@
+"""Lightning callbacks: Hugging Face export, generation-time evaluation."""

@@ -1,0 +1,1 @@
+"""Data: row formats, chat tokenisation with assistant-only labels, sources, the DataModule."""

@@ -1,0 +1,84 @@
+"""Batching: dynamic padding, and a data loader that can resume mid-epoch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from sedsft.data.chat import IGNORE_INDEX
+
+
+class SFTCollator:
+    """Pads a list of ``{"input_ids", "labels"}`` rows to the longest row of the batch.
+
+    Returns ``input_ids`` / ``labels`` / ``attention_mask`` as ``[B, T]`` int64 tensors;
+    padding gets ``pad_token_id``, label ``IGNORE_INDEX`` and attention 0.
+    """
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        length = max(len(r["input_ids"]) for r in rows)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {
+            "input_ids": torch.full((len(rows), length), self.pad_token_id, dtype=torch.long),
+            "labels": torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long),
+            "attention_mask": torch.zeros((len(rows), length), dtype=torch.long),
+        }
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            batch["input_ids"][i, :n] = torch.as_tensor(row["input_ids"])
+            batch["labels"][i, :n] = torch.as_tensor(row["labels"])
+            batch["attention_mask"][i, :n] = 1
+        return batch
+
+
+class EpochSeededRandomSampler(RandomSampler):
+    """A shuffle that is a pure function of ``(seed, epoch)``, so a resumed run sees the
+    same order. Subclassing ``RandomSampler`` tells Lightning the loader is shuffled, so
+    under DDP it substitutes a (also seed-and-epoch-determined) ``DistributedSampler``."""
+
+    def __init__(self, data_source: Sequence, seed: int = 0):
+        super().__init__(data_source)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` with ``state_dict`` / ``load_state_dict``: Lightning stores how many
+    batches of the current epoch were consumed, and after a restart the loader skips
+    them, so a run resumed mid-epoch sees exactly the batches it had not seen."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._consumed = 0
+        self._skip = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"batches_consumed": self._consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._skip = int(state.get("batches_consumed", 0))
+
+    def __iter__(self) -> Iterator[Any]:
+        skip, self._skip = self._skip, 0
+        iterator = super().__iter__()
+        for _ in range(skip):  # collating skipped batches is cheap next to a training step
+            next(iterator, None)
+        self._consumed = skip
+        for batch in iterator:
+            self._consumed += 1
+            yield batch

@@ -1,0 +1,222 @@
+"""``SFTDataModule``: raw rows -> validated chats -> token ids with assistant-only labels."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import lightning as L
+from torch.utils.data import DataLoader
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from sedsft.data.chat import tokenize_chat
+from sedsft.data.collate import EpochSeededRandomSampler, ResumableDataLoader, SFTCollator
+from sedsft.data.formats import DataError, gold_answer, to_messages, to_prompt
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1  # bump when tokenisation changes, to invalidate cached data sets
+
+
+@dataclass
+class PreparedSplit:
+    """A tokenised split and what was left out of it."""
+
+    dataset: datasets.Dataset  # columns: input_ids, labels, num_targets, row
+    raw: datasets.Dataset  # the source rows, for prompts and gold answers
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+    examples: list[str] = field(default_factory=list)  # first offenders, for the error message
+
+
+def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    payload = (backend.to_str() if backend is not None else str(sorted(tokenizer.get_vocab().items())))
+    payload += str(tokenizer.chat_template)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class SFTDataModule(L.LightningDataModule):
+    """Chat-templated SFT data in which only assistant tokens carry labels.
+
+    Args:
+        tokenizer: the model's tokenizer, with a chat template.
+        train: source of training rows (``sedsft.data.sources``).
+        val: source of held-out rows; if None, ``val_size`` rows are split off ``train``.
+        val_size: held-out rows taken from ``train`` when ``val`` is None (int count or fraction).
+        system_prompt: system message prepended to conversations that have none (None: no system).
+        max_length: token budget per example; longer examples are cut at the end.
+        batch_size: micro-batch size per device.
+        eval_batch_size: batch size for validation (defaults to ``batch_size``).
+        num_workers: data loader worker processes.
+        seed: shuffle and split seed.
+        max_skip_frac: fraction of rows that may be skipped (bad format, nothing left to
+            train after truncation) before the run stops with the list of offenders.
+        cache_dir: tokenised splits are saved here and reused by later runs (None: no cache).
+        num_proc: processes for tokenisation (None: in-process).
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        train: Any,
+        val: Any | None = None,
+        val_size: float | int = 0.05,
+        system_prompt: str | None = None,
+        max_length: int = 1024,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        max_skip_frac: float = 0.01,
+        cache_dir: str | None = None,
+        num_proc: int | None = None,
+    ):
+        super().__init__()
+        if max_length < 2:
+            raise ValueError(f"data.max_length must be >= 2, got {max_length}")
+        if not 0.0 <= max_skip_frac <= 1.0:
+            raise ValueError(f"data.max_skip_frac must be in [0, 1], got {max_skip_frac}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.tokenizer = tokenizer
+        self.train_source, self.val_source, self.val_size = train, val, val_size
+        self.system_prompt = system_prompt
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.max_skip_frac = max_skip_frac
+        self.cache_dir = cache_dir
+        self.num_proc = num_proc
+        self.collator = SFTCollator(tokenizer.pad_token_id)
+        self.splits: dict[str, PreparedSplit] = {}
+
+    # ---------------------------------------------------------------- preparation
+    def _raw_splits(self) -> dict[str, tuple[str, datasets.Dataset]]:
+        train = self.train_source.load()
+        if self.val_source is not None:
+            return {"train": (self.train_source.name, train), "val": (self.val_source.name, self.val_source.load())}
+        if not self.val_size:
+            return {"train": (self.train_source.name, train)}
+        parts = train.train_test_split(test_size=self.val_size, seed=self.seed, shuffle=True)
+        return {"train": (self.train_source.name, parts["train"]), "val": (self.train_source.name, parts["test"])}
+
+    def _cache_path(self, split: str) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        key = {
+            "version": CACHE_VERSION,
+            "train": self.train_source.fingerprint(),
+            "val": None if self.val_source is None else self.val_source.fingerprint(),
+            "val_size": self.val_size,
+            "seed": self.seed,
+            "tokenizer": _tokenizer_fingerprint(self.tokenizer),
+            "system_prompt": self.system_prompt,
+            "max_length": self.max_length,
+        }
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+        return Path(self.cache_dir) / "tokenized" / f"{digest}-{split}"
+
+    def _tokenize_row(self, row: dict, index: int, source: str) -> dict:
+        try:
+            messages = to_messages(row, source, index, self.system_prompt)
+            chat = tokenize_chat(self.tokenizer, messages, self.max_length)
+        except DataError as err:
+            return {"input_ids": [], "labels": [], "num_targets": 0, "row": index, "skip": str(err)}
+        problem = "" if chat.num_targets else (
+            f"{source}: row {index}: no assistant token left after truncation to "
+            f"max_length={self.max_length} (prompt too long)"
+        )
+        return {"input_ids": chat.input_ids, "labels": chat.labels, "num_targets": chat.num_targets, "row": index, "skip": problem}
+
+    def _prepare(self, split: str, source: str, raw: datasets.Dataset) -> PreparedSplit:
+        cache = self._cache_path(split)
+        if cache is not None and (cache / "state.json").exists():
+            tokenized = datasets.load_from_disk(str(cache))
+            log.info("%s: loaded tokenised data from %s", split, cache)
+        else:
+            tokenized = raw.map(
+                self._tokenize_row,
+                with_indices=True,
+                fn_kwargs={"source": source},
+                remove_columns=raw.column_names,
+                num_proc=self.num_proc,
+                load_from_cache_file=False,
+                desc=f"tokenising {split}",
+            )
+            if cache is not None:
+                tokenized.save_to_disk(str(cache))
+        problems = [p for p in tokenized["skip"] if p]
+        prepared = PreparedSplit(
+            dataset=tokenized.filter(lambda s: not s, input_columns="skip").remove_columns("skip"),
+            raw=raw,
+            skipped=Counter(p.split(": ", 2)[-1].split(":")[0] for p in problems),
+            examples=problems[:5],
+        )
+        self._check_skips(split, source, len(raw), problems)
+        return prepared
+
+    def _check_skips(self, split: str, source: str, total: int, problems: list[str]) -> None:
+        if problems:
+            log.warning("%s (%s): skipped %d of %d rows; first: %s", split, source, len(problems), total, problems[0])
+        if len(problems) == total:
+            raise DataError(source, None, None, f"{split} split is empty after filtering ({total} rows, all skipped); first problems:\n  " + "\n  ".join(problems[:5]))
+        if len(problems) > self.max_skip_frac * total:
+            raise DataError(
+                source, None, None,
+                f"{len(problems)} of {total} {split} rows ({len(problems) / total:.1%}) cannot be used, more than "
+                f"data.max_skip_frac={self.max_skip_frac}; first problems:\n  " + "\n  ".join(problems[:10]),
+            )
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        for split, (source, raw) in self._raw_splits().items():
+            self.splits[split] = self._prepare(split, source, raw)
+        for split, prepared in self.splits.items():
+            log.info("%s: %d examples, %d target tokens", split, len(prepared.dataset), sum(prepared.dataset["num_targets"]))
+
+    def skip_counts(self) -> dict[str, int]:
+        """Rows left out per split (logged by the training script)."""
+        return {split: sum(p.skipped.values()) for split, p in self.splits.items()}
+
+    # ---------------------------------------------------------------- loaders
+    def _torch_view(self, split: str) -> datasets.Dataset:
+        return self.splits[split].dataset.select_columns(["input_ids", "labels"])
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self._torch_view("train")
+        return ResumableDataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=EpochSeededRandomSampler(dataset, seed=self.seed),
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def val_dataloader(self) -> DataLoader | list:
+        if "val" not in self.splits:
+            return []
+        return DataLoader(
+            self._torch_view("val"),
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            collate_fn=self.collator,
+            num_workers=self.num_workers,
+        )
+
+    # ---------------------------------------------------------------- generation prompts
+    def prompts(self, split: str = "val", limit: int | None = None) -> list[tuple[list[dict], str | None]]:
+        """``(prompt messages, gold answer)`` for held-out rows, for generation-time metrics."""
+        prepared = self.splits[split]
+        rows = prepared.dataset["row"][: limit if limit is not None else None]
+        raw = prepared.raw.select(rows)
+        return [(to_prompt(r, split, i, self.system_prompt), gold_answer(r)) for i, r in zip(rows, raw, strict=True)]

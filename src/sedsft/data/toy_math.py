@@ -1,0 +1,172 @@
+"""Toy arithmetic word problems: the embedded default data set.
+
+Every problem is a short story with two operations on one quantity ("Mia has 12
+pencils. She buys 7 more and gives away 5. ..."). Each can be solved in several
+*styles* that are all correct and all end in ``\\boxed{N}``, so diversity of
+generations means something: a model that always answers in one style has
+collapsed onto one mode even if it is always right.
+
+Generation is a pure function of ``(n, seed, style_weights)``: the same call gives
+the same rows on every machine.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+NAMES = ("Mia", "Tom", "Ava", "Leo", "Zoe", "Sam", "Ivy", "Max", "Eli", "Nia", "Kai", "Ada")
+ITEMS = ("apples", "pencils", "stickers", "marbles", "books", "coins", "cards", "shells")
+GAIN_VERBS = ("buys", "finds", "gets", "receives")
+LOSS_VERBS = ("gives away", "loses", "sells", "uses")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One word problem: ``start`` items, then ``first`` and ``second`` changes (signed)."""
+
+    name: str
+    item: str
+    start: int
+    first: int
+    second: int
+    first_verb: str
+    second_verb: str
+
+    @property
+    def middle(self) -> int:
+        return self.start + self.first
+
+    @property
+    def answer(self) -> int:
+        return self.start + self.first + self.second
+
+    @property
+    def question(self) -> str:
+        return (
+            f"{self.name} has {self.start} {self.item}. "
+            f"{self.name} {self.first_verb} {abs(self.first)} and then "
+            f"{self.second_verb} {abs(self.second)}. "
+            f"How many {self.item} does {self.name} have now?"
+        )
+
+
+def _op(x: int) -> str:
+    return "+" if x >= 0 else "-"
+
+
+def _step_by_step(p: Problem) -> str:
+    return (
+        f"First, {p.start} {_op(p.first)} {abs(p.first)} = {p.middle}. "
+        f"Then, {p.middle} {_op(p.second)} {abs(p.second)} = {p.answer}. "
+        f"The answer is \\boxed{{{p.answer}}}."
+    )
+
+
+def _one_equation(p: Problem) -> str:
+    return (
+        f"{p.start} {_op(p.first)} {abs(p.first)} {_op(p.second)} {abs(p.second)} = {p.answer}, "
+        f"so \\boxed{{{p.answer}}}."
+    )
+
+
+def _narrative(p: Problem) -> str:
+    return (
+        f"{p.name} starts with {p.start} {p.item}. After that there are {p.middle}. "
+        f"In the end {p.name} has {p.answer} {p.item}. \\boxed{{{p.answer}}}"
+    )
+
+
+def _net_change(p: Problem) -> str:
+    net = p.first + p.second
+    return (
+        f"The net change is {p.first:+d} and {p.second:+d}, which is {net:+d}. "
+        f"{p.start} {_op(net)} {abs(net)} = {p.answer}. Final answer: \\boxed{{{p.answer}}}"
+    )
+
+
+STYLES: Mapping[str, Callable[[Problem], str]] = {
+    "step_by_step": _step_by_step,
+    "one_equation": _one_equation,
+    "narrative": _narrative,
+    "net_change": _net_change,
+}
+"""Solution styles, all correct; the key names the style in the generated rows."""
+
+
+def sample_problem(rng: random.Random) -> Problem:
+    """Draw one problem whose running count never goes negative."""
+    start = rng.randint(5, 60)
+    first = rng.randint(1, 30) * rng.choice((1, -1))
+    if start + first < 0:
+        first = -first
+    second = rng.randint(1, 30) * rng.choice((1, -1))
+    if start + first + second < 0:
+        second = -second
+    return Problem(
+        name=rng.choice(NAMES),
+        item=rng.choice(ITEMS),
+        start=start,
+        first=first,
+        second=second,
+        first_verb=rng.choice(GAIN_VERBS if first >= 0 else LOSS_VERBS),
+        second_verb=rng.choice(GAIN_VERBS if second >= 0 else LOSS_VERBS),
+    )
+
+
+def _style_sampler(
+    rng: random.Random, style_weights: Mapping[str, float] | None
+) -> Callable[[], str]:
+    weights = dict(style_weights) if style_weights else {name: 1.0 for name in STYLES}
+    unknown = sorted(set(weights) - set(STYLES))
+    if unknown:
+        raise ValueError(f"unknown toy_math styles {unknown}; allowed: {sorted(STYLES)}")
+    if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+        raise ValueError(f"style_weights must be >= 0 with a positive sum, got {weights}")
+    names = list(weights)
+    probs = [weights[n] for n in names]
+    return lambda: rng.choices(names, probs)[0]
+
+
+def generate(
+    n: int,
+    seed: int = 0,
+    style_weights: Mapping[str, float] | None = None,
+) -> list[dict[str, str]]:
+    """Return ``n`` rows ``{"question", "response", "answer", "style"}``.
+
+    Args:
+        n: number of rows.
+        seed: the rows are a pure function of ``(n, seed, style_weights)``.
+        style_weights: relative frequency of each style in ``STYLES``; ``None`` means
+            uniform. A skewed mix (e.g. ``{"step_by_step": 1}``) is what drives mode
+            collapse under CE in the toy lab.
+    """
+    rng = random.Random(seed)
+    pick_style = _style_sampler(rng, style_weights)
+    rows = []
+    for _ in range(n):
+        problem = sample_problem(rng)
+        style = pick_style()
+        rows.append(
+            {
+                "question": problem.question,
+                "response": STYLES[style](problem),
+                "answer": str(problem.answer),
+                "style": style,
+            }
+        )
+    return rows
+
+
+def corpus(n: int, seed: int = 0) -> list[str]:
+    """Plain texts for tokenizer training and pretraining: ``n`` questions, each
+    followed by its solution in every style (so a model trained on it has a prior
+    spread over all styles)."""
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n):
+        problem = sample_problem(rng)
+        texts.extend(f"{problem.question} {style(problem)}" for style in STYLES.values())
+    return texts

@@ -1,0 +1,1 @@
+"""Models: Hugging Face loading, the embedded tiny model, the LightningModule."""

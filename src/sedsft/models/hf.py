@@ -1,0 +1,100 @@
+"""Loading a Hugging Face causal LM and its tokenizer from a hub name or a local path.
+
+``CausalLMSpec`` is what ``configs/model/*.yaml`` instantiate: a small description of
+the model that loads lazily, so the LightningModule can build the weights inside
+``configure_model`` (where FSDP / DeepSpeed want them built) and the data module can
+get the tokenizer without touching the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve_dtype(name: str | None) -> torch.dtype | str:
+    """``"auto"`` / ``None`` keep the checkpoint's dtype; otherwise a torch dtype."""
+    if name is None or name == "auto":
+        return "auto"
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype={name!r} is not supported; allowed: auto, {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass
+class CausalLMSpec:
+    """A causal LM to fine-tune, by hub name or local directory.
+
+    Attributes:
+        name_or_path: hub id (e.g. ``meta-llama/Llama-3.2-3B-Instruct``) or local directory.
+        dtype: weight dtype: ``auto`` (as stored), ``float32``, ``bfloat16``, ``float16``.
+        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (if installed).
+        gradient_checkpointing: recompute activations in backward to save memory.
+        chat_template: Jinja template overriding the tokenizer's own (None keeps it).
+        revision: hub revision (branch, tag or commit) for reproducible loads.
+        trust_remote_code: allow model code from the hub repository.
+        model_kwargs: extra keyword arguments for ``from_pretrained``.
+    """
+
+    name_or_path: str
+    dtype: str = "auto"
+    attn_implementation: str | None = "sdpa"
+    gradient_checkpointing: bool = False
+    chat_template: str | None = None
+    revision: str | None = None
+    trust_remote_code: bool = False
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        resolve_dtype(self.dtype)  # fail at config time, not after the data is tokenised
+
+    def resolved_path(self) -> str:
+        """Where ``from_pretrained`` loads from (subclasses may build it first)."""
+        return self.name_or_path
+
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        tokenizer = AutoTokenizer.from_pretrained(
+            self.resolved_path(), revision=self.revision, trust_remote_code=self.trust_remote_code
+        )
+        if self.chat_template is not None:
+            tokenizer.chat_template = self.chat_template
+        if tokenizer.chat_template is None:
+            raise ValueError(
+                f"tokenizer of {self.name_or_path!r} has no chat template; set model.chat_template"
+            )
+        if tokenizer.pad_token is None:
+            # Padding positions are masked out of attention and labels, so any id works;
+            # eos is the usual choice and keeps the vocabulary unchanged.
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+
+    def load_model(self) -> PreTrainedModel:
+        model = AutoModelForCausalLM.from_pretrained(
+            self.resolved_path(),
+            revision=self.revision,
+            dtype=resolve_dtype(self.dtype),
+            attn_implementation=self.attn_implementation,
+            trust_remote_code=self.trust_remote_code,
+            **self.model_kwargs,
+        )
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        log.info("loaded %s (%.1fM parameters)", self.name_or_path, model.num_parameters() / 1e6)
+        return model

@@ -1,0 +1,221 @@
+"""``SFTModule``: a Hugging Face causal LM trained with a pluggable token-level loss.
+
+Loss normalisation follows the paper: the loss of an optimiser step is the *sum* over
+the target tokens of every micro-batch of the accumulation window (on every rank),
+divided by the number of those tokens. Each micro-batch back-propagates its token sum;
+``on_before_optimizer_step`` (after the window's last backward, before clipping)
+all-reduces the window's token count and rescales the gradients. This is exact for
+micro-batches of unequal size and needs no look-ahead into the data.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from torch import nn
+from torchmetrics import MeanMetric
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from sedsft.models.hf import CausalLMSpec
+
+log = logging.getLogger(__name__)
+
+LOSS_TERMS = ("ce", "reg")  # logged under <split>/loss_terms/; other loss metrics at <split>/
+HISTOGRAM_SAMPLE = 200_000  # target positions kept per validation epoch for histograms
+
+
+class SFTModule(L.LightningModule):
+    """Supervised fine-tuning of a causal LM with a loss from ``sedsft.losses``.
+
+    Args:
+        lm: what to load (``CausalLMSpec``); weights are built in ``configure_model``.
+        loss: a loss module from ``sedsft.losses.build_loss`` (holds SED's ``tau``).
+        optimizer: partial optimiser, finished with the model's parameters.
+        scheduler: partial schedule ``f(optimizer, num_training_steps)``, or None.
+        tokenizer: saved with checkpoints and exports so they describe themselves.
+        fused_loss: ``auto`` uses the hidden-state + LM-head path (no full logits) when
+            the model and strategy allow it; ``true`` requires it; ``false`` never.
+        weight_decay_1d: apply weight decay to biases and norm weights too.
+    """
+
+    def __init__(
+        self,
+        lm: CausalLMSpec,
+        loss: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        fused_loss: str | bool = "auto",
+        weight_decay_1d: bool = False,
+    ):
+        super().__init__()
+        if str(fused_loss).lower() not in {"auto", "true", "false"}:
+            raise ValueError(f"model.fused_loss={fused_loss!r}; allowed: auto, true, false")
+        self.lm_spec = lm
+        self.loss_fn = loss
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.tokenizer = tokenizer
+        self.fused_loss = str(fused_loss).lower()
+        self.weight_decay_1d = weight_decay_1d
+        self.model: nn.Module | None = None
+        self.run_config: dict | None = None  # set by train.py; stored in checkpoints
+        self._window_tokens = 0
+        self._histogram_values: dict[str, list[torch.Tensor]] = {}
+        # Token-weighted running means of the evaluation splits (training logs per step).
+        self.means = nn.ModuleDict({split: nn.ModuleDict() for split in ("val", "test")})
+
+    # ------------------------------------------------------------------ model
+    def configure_model(self) -> None:
+        if self.model is None:
+            # from_pretrained returns the model in eval mode (dropout off); Lightning keeps
+            # whatever mode it finds, so switch to training mode here.
+            self.model = self.lm_spec.load_model().train()
+
+    def fused_path_available(self) -> tuple[bool, str]:
+        """Whether hidden states + LM head can replace full logits, and why not."""
+        head = self.model.get_output_embeddings()
+        config = self.model.config
+        if not isinstance(head, nn.Linear):
+            return False, "the model has no separate linear LM head"
+        if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+            return False, "the model transforms its logits after the LM head"
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDPStrategy) or (
+            isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
+        ):
+            return False, "the LM head weight is sharded by the strategy"
+        return True, ""
+
+    def use_fused(self) -> bool:
+        if self.fused_loss == "false":
+            return False
+        available, why = self.fused_path_available()
+        if self.fused_loss == "true" and not available:
+            raise ValueError(f"model.fused_loss=true but {why}; set model.fused_loss=auto or false")
+        return available
+
+    def model_step(self, batch: dict[str, torch.Tensor], token_stats: bool = False):
+        """Forward + loss for one micro-batch; shared by train / val / test.
+
+        Labels are shifted here, once: position ``t`` predicts token ``t + 1``.
+        """
+        labels = batch["labels"][:, 1:]
+        if self.use_fused():
+            hidden = self.model.get_decoder()(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state[:, :-1]
+            head = self.model.get_output_embeddings()
+            return self.loss_fn.fused(
+                hidden, head.weight, labels, bias=head.bias, return_token_stats=token_stats
+            )
+        logits = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        ).logits[:, :-1]
+        return self.loss_fn(logits, labels, return_token_stats=token_stats)
+
+    # ------------------------------------------------------------------ logging
+    def _log_means(self, split: str, out, **kwargs: Any) -> None:
+        weight = max(out.num_tokens, 1)
+        values = {"loss": out.loss.detach(), **out.metrics}
+        for name, value in values.items():
+            if name not in self.means[split]:
+                self.means[split][name] = MeanMetric().to(self.device)
+            metric = self.means[split][name]
+            metric.update(value.float(), weight=weight)
+            key = f"{split}/loss_terms/{name}" if name in LOSS_TERMS else f"{split}/{name}"
+            self.log(key, metric, prog_bar=name == "loss", metric_attribute=f"means.{split}.{name}", **kwargs)
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self.model_step(batch)
+        batch_size = batch["input_ids"].shape[0]
+        for name, value in {"loss": out.loss.detach(), **out.metrics}.items():
+            key = f"train/loss_terms/{name}" if name in LOSS_TERMS else f"train/{name}"
+            self.log(key, value, on_step=True, on_epoch=False, prog_bar=name == "loss", batch_size=batch_size)
+        self.log("train/target_tokens", float(out.num_tokens), on_step=True, on_epoch=False, reduce_fx="sum", batch_size=batch_size)
+        if self._global_normalisation():
+            self._window_tokens += out.num_tokens
+            return out.loss_sum
+        return out.loss
+
+    def _global_normalisation(self) -> bool:
+        # DeepSpeed keeps gradients inside its engine, out of reach of the rescaling
+        # below; there each micro-batch is normalised by its own token count.
+        return not isinstance(self.trainer.strategy, DeepSpeedStrategy)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self._global_normalisation():
+            return
+        local = torch.tensor(float(self._window_tokens), device=self.device)
+        total = self.trainer.strategy.reduce(local, reduce_op="sum")
+        self._window_tokens = 0
+        # Lightning divided each micro-batch loss by the accumulation count and the
+        # strategy averaged gradients over ranks: undo both, then divide by the tokens.
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / total.clamp(min=1.0)
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.grad.mul_(scale.to(param.grad.dtype))
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_step(self, split: str, batch: dict[str, torch.Tensor]) -> None:
+        out = self.model_step(batch, token_stats=split == "val")
+        self._log_means(split, out, on_step=False, on_epoch=True)
+        if out.token_stats:
+            for name, values in out.token_stats.items():
+                self._histogram_values.setdefault(name, []).append(values.detach().float().cpu())
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def on_validation_epoch_end(self) -> None:
+        values, self._histogram_values = self._histogram_values, {}
+        experiment = getattr(self.logger, "experiment", None)
+        if self.trainer.sanity_checking or not hasattr(experiment, "add_histogram"):
+            return
+        for name, chunks in values.items():
+            flat = torch.cat(chunks)[:HISTOGRAM_SAMPLE]
+            experiment.add_histogram(f"val/{name}_hist", flat, global_step=self.global_step)
+
+    # ------------------------------------------------------------------ tau calibration
+    def on_fit_start(self) -> None:
+        if getattr(self.loss_fn, "needs_calibration", False):
+            from sedsft.models.calibration import calibrate_tau
+
+            tau, mask_rate = calibrate_tau(self, self.trainer.datamodule)
+            self.loss_fn.set_tau(tau)
+            self.log_dict({"calibration/tau": tau, "calibration/mask_rate": mask_rate}, rank_zero_only=True)
+            log.info("calibrated tau=%.4f (mask rate %.3f on calibration positions)", tau, mask_rate)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        decay, no_decay = [], []
+        for param in self.trainer.model.parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 or self.weight_decay_1d else no_decay).append(param)
+        optimizer = self.optimizer_factory(
+            params=[{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        )
+        if self.scheduler_factory is None:
+            return {"optimizer": optimizer}
+        scheduler = self.scheduler_factory(
+            optimizer, num_training_steps=int(self.trainer.estimated_stepping_batches)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["sedsft"] = {
+            "config": self.run_config,
+            "chat_template": getattr(self.tokenizer, "chat_template", None),
+        }
+

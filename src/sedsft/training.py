@@ -1,0 +1,84 @@
+"""The training run behind ``src/train.py``: instantiate from the config, fit, test."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from sedsft.models.module import SFTModule
+
+log = logging.getLogger(__name__)
+
+
+def instantiate_list(cfg: DictConfig | None) -> list[Any]:
+    """Objects of every ``_target_`` entry of a group like ``callbacks`` or ``logger``."""
+    if not cfg:
+        return []
+    return [hydra.utils.instantiate(c) for c in cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def build(cfg: DictConfig) -> dict[str, Any]:
+    """Instantiate data, model, loss, callbacks, loggers and trainer from ``cfg``."""
+    lm = hydra.utils.instantiate(cfg.model)
+    tokenizer = lm.load_tokenizer()
+    datamodule = hydra.utils.instantiate(cfg.data, tokenizer=tokenizer)
+    module = SFTModule(
+        lm=lm,
+        loss=hydra.utils.instantiate(cfg.loss),
+        optimizer=hydra.utils.instantiate(cfg.optimizer),
+        scheduler=hydra.utils.instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
+        tokenizer=tokenizer,
+        **cfg.get("module", {}),
+    )
+    module.run_config = OmegaConf.to_container(cfg, resolve=True)
+    callbacks = instantiate_list(cfg.get("callbacks"))
+    loggers = instantiate_list(cfg.get("logger"))
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    return {"datamodule": datamodule, "module": module, "trainer": trainer, "tokenizer": tokenizer}
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for key, value in metrics.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(number):
+            out[key] = number
+    return out
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit (and optionally test) as configured; returns the final scalar metrics.
+
+    Metrics are also written to ``<paths.output_dir>/metrics.json`` for sweeps and notebooks.
+    """
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    objects = build(cfg)
+    datamodule, module, trainer = objects["datamodule"], objects["module"], objects["trainer"]
+    # Tokenise and validate every row before any weight is loaded or step is taken.
+    datamodule.setup("fit")
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_metrics({f"data/skipped_{k}": v for k, v in datamodule.skip_counts().items()}, step=0)
+    if cfg.get("train", True):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = _scalars(trainer.callback_metrics)
+    if cfg.get("test", False):
+        checkpoint = cfg.get("ckpt_path") if not cfg.get("train", True) else "best"
+        trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint)
+        metrics.update(_scalars(trainer.callback_metrics))
+    output_dir = Path(cfg.paths.output_dir)
+    if trainer.is_global_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return metrics

@@ -1,0 +1,61 @@
+"""End to end on the embedded default: the real config, in-process and through the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sedsft.losses import LOSS_NAMES
+from sedsft.training import train
+
+
+def test_default_run_writes_events_checkpoints_and_loadable_export(make_config, tmp_path):
+    metrics = train(make_config("test=true"))
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+    assert {"train/loss", "val/loss", "val/loss_terms/ce", "val/entropy", "val/top1_acc", "test/loss"} <= set(metrics)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(metrics)
+
+    export = tmp_path / "hf"
+    model = AutoModelForCausalLM.from_pretrained(export)
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, checkpoint["state_dict"][f"model.{name}"])
+    assert checkpoint["sedsft"]["chat_template"] == tokenizer.chat_template
+    assert checkpoint["sedsft"]["config"]["seed"] == 42
+
+
+@pytest.mark.parametrize("loss", [n for n in LOSS_NAMES] + ["sed_release"])
+def test_every_loss_trains_on_the_embedded_default(make_config, loss):
+    metrics = train(make_config(f"loss={loss}", "trainer.max_steps=2", "callbacks=none", "logger=[]"))
+    assert torch.isfinite(torch.tensor(metrics["train/loss"]))
+    assert 0.0 <= metrics["val/top1_acc"] <= 1.0
+    if loss.startswith("sed"):
+        assert 0.0 <= metrics["train/mask_frac"] <= 1.0
+        assert "train/loss_terms/reg" in metrics
+
+
+def test_cli_fast_dev_run(tmp_path, cache_dir):
+    """``python src/train.py`` itself, as a user types it (one batch each way)."""
+    env = {**os.environ, "SEDSFT_CACHE": str(cache_dir), "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, "src/train.py", "debug=fdr", "loss=sed", f"paths.log_dir={tmp_path}", "data.train.n=64", "data.val.n=16"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert list(Path(tmp_path, "debug", "runs").glob("*/.hydra/config.yaml"))
