@@ -94,8 +94,9 @@ def _small_threads():
     torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-def compose_config(tmp_path: Path, cache_dir: Path, *overrides: str):
-    """The real ``configs/train.yaml`` with paths in ``tmp_path``, shrunk for the CPU."""
+def compose_config(tmp_path: Path, cache_dir: Path, *overrides: str, shrink: bool = True, name: str = "train.yaml"):
+    """The real ``configs/<name>`` with paths in ``tmp_path``; ``shrink`` makes the toy
+    data and the trainer small enough for a CPU test."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
@@ -114,7 +115,7 @@ def compose_config(tmp_path: Path, cache_dir: Path, *overrides: str):
         "trainer.enable_model_summary=false",
     ]
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train.yaml", overrides=[*small, *overrides], return_hydra_config=True)
+        cfg = compose(name, overrides=[*(small if shrink else []), *overrides], return_hydra_config=True)
     HydraConfig().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)

@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 from conftest import compose_config
+from torch.utils.data import DataLoader
 
 from sedsft.losses import build_loss
 from sedsft.models.module import SFTModule
@@ -52,7 +53,7 @@ def weight_change(spec, batches, accumulate: int, fused: str = "false") -> torch
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(module, train_dataloaders=batches)
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
     after = torch.cat([p.detach().flatten() for p in module.model.parameters()])
     return before - after
 

@@ -16,9 +16,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from sedsft.losses import LOSS_NAMES
 from sedsft.training import train
 
+SMALL_GENERATION = [
+    "callbacks.generation_eval.num_prompts=4",
+    "callbacks.generation_eval.num_samples=4",
+    "callbacks.generation_eval.max_new_tokens=24",
+]
+
 
 def test_default_run_writes_events_checkpoints_and_loadable_export(make_config, tmp_path):
-    metrics = train(make_config("test=true"))
+    metrics = train(make_config("test=true", "trainer.val_check_interval=2", *SMALL_GENERATION))
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     assert {"train/loss", "val/loss", "val/loss_terms/ce", "val/entropy", "val/top1_acc", "test/loss"} <= set(metrics)
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
@@ -34,11 +40,13 @@ def test_default_run_writes_events_checkpoints_and_loadable_export(make_config, 
         torch.testing.assert_close(tensor, checkpoint["state_dict"][f"model.{name}"])
     assert checkpoint["sedsft"]["chat_template"] == tokenizer.chat_template
     assert checkpoint["sedsft"]["config"]["seed"] == 42
+    # the generation callback's numbers reached the logger
+    assert {"gen/distinct_2", "gen/self_bleu", "gen/pass@1", "gen/pass@4", "gen/avg@4", "gen/sampled_entropy"} <= set(metrics)
 
 
 @pytest.mark.parametrize("loss", [n for n in LOSS_NAMES] + ["sed_release"])
 def test_every_loss_trains_on_the_embedded_default(make_config, loss):
-    metrics = train(make_config(f"loss={loss}", "trainer.max_steps=2", "callbacks=none", "logger=[]"))
+    metrics = train(make_config(f"loss={loss}", "trainer.max_steps=2", "trainer.val_check_interval=2", "callbacks=none", "logger=[]"))
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
     assert 0.0 <= metrics["val/top1_acc"] <= 1.0
     if loss.startswith("sed"):

@@ -74,7 +74,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = _scalars(trainer.callback_metrics)
     if cfg.get("test", False):
-        checkpoint = cfg.get("ckpt_path") if not cfg.get("train", True) else "best"
+        # After fitting: the best checkpoint when validation chose one, else the weights
+        # as they are. Without fitting: the given checkpoint.
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+        checkpoint = (best or None) if cfg.get("train", True) else cfg.get("ckpt_path")
         trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint)
         metrics.update(_scalars(trainer.callback_metrics))
     output_dir = Path(cfg.paths.output_dir)

@@ -15,7 +15,8 @@ class SFTCollator:
     """Pads a list of ``{"input_ids", "labels"}`` rows to the longest row of the batch.
 
     Returns ``input_ids`` / ``labels`` / ``attention_mask`` as ``[B, T]`` int64 tensors;
-    padding gets ``pad_token_id``, label ``IGNORE_INDEX`` and attention 0.
+    padding gets ``pad_token_id``, label ``IGNORE_INDEX`` and attention 0. When rows carry
+    their source ``row`` number it comes along as ``rows`` ``[B]`` (for error messages).
     """
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
@@ -31,6 +32,8 @@ class SFTCollator:
             "labels": torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long),
             "attention_mask": torch.zeros((len(rows), length), dtype=torch.long),
         }
+        if all("row" in r for r in rows):
+            batch["rows"] = torch.tensor([r["row"] for r in rows], dtype=torch.long)
         for i, row in enumerate(rows):
             n = len(row["input_ids"])
             batch["input_ids"][i, :n] = torch.as_tensor(row["input_ids"])

@@ -188,7 +188,7 @@ class SFTDataModule(L.LightningDataModule):
 
     # ---------------------------------------------------------------- loaders
     def _torch_view(self, split: str) -> datasets.Dataset:
-        return self.splits[split].dataset.select_columns(["input_ids", "labels"])
+        return self.splits[split].dataset.select_columns(["input_ids", "labels", "row"])
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._torch_view("train")
@@ -212,6 +212,10 @@ class SFTDataModule(L.LightningDataModule):
             collate_fn=self.collator,
             num_workers=self.num_workers,
         )
+
+    def test_dataloader(self) -> DataLoader | list:
+        """The held-out split (SFT data sets here have no separate test split)."""
+        return self.val_dataloader()
 
     # ---------------------------------------------------------------- generation prompts
     def prompts(self, split: str = "val", limit: int | None = None) -> list[tuple[list[dict], str | None]]:

@@ -41,6 +41,11 @@ class SFTModule(L.LightningModule):
         fused_loss: ``auto`` uses the hidden-state + LM-head path (no full logits) when
             the model and strategy allow it; ``true`` requires it; ``false`` never.
         weight_decay_1d: apply weight decay to biases and norm weights too.
+        nonfinite: what a non-finite loss or gradient does: ``stop`` raises with the
+            step, batch, data rows and loss parts; ``skip`` drops that micro-batch (loss)
+            or optimiser step (gradients), counts it in ``train/skipped_nonfinite``, and
+            stops once more than ``max_nonfinite_skips`` were skipped.
+        max_nonfinite_skips: cap for ``skip``.
     """
 
     def __init__(
@@ -52,6 +57,8 @@ class SFTModule(L.LightningModule):
         tokenizer: PreTrainedTokenizerBase | None = None,
         fused_loss: str | bool = "auto",
         weight_decay_1d: bool = False,
+        nonfinite: str = "stop",
+        max_nonfinite_skips: int = 10,
     ):
         super().__init__()
         if str(fused_loss).lower() not in {"auto", "true", "false"}:
@@ -61,7 +68,12 @@ class SFTModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.tokenizer = tokenizer
+        if nonfinite not in {"stop", "skip"}:
+            raise ValueError(f"module.nonfinite={nonfinite!r}; allowed: stop, skip")
         self.fused_loss = str(fused_loss).lower()
+        self.nonfinite = nonfinite
+        self.max_nonfinite_skips = max_nonfinite_skips
+        self.nonfinite_skips = 0
         self.weight_decay_1d = weight_decay_1d
         self.model: nn.Module | None = None
         self.run_config: dict | None = None  # set by train.py; stored in checkpoints
@@ -132,8 +144,29 @@ class SFTModule(L.LightningModule):
             self.log(key, metric, prog_bar=name == "loss", metric_attribute=f"means.{split}.{name}", **kwargs)
 
     # ------------------------------------------------------------------ training
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def _nonfinite(self, what: str, batch_idx: int, rows: torch.Tensor | None, parts: dict) -> None:
+        """Apply the non-finite policy: raise, or count a skip (raising past the cap)."""
+        described = {k: float(v) for k, v in parts.items()}
+        message = (
+            f"non-finite {what} at global step {self.global_step} (batch {batch_idx}, "
+            f"data rows {None if rows is None else rows.tolist()}); loss parts {described}"
+        )
+        if self.nonfinite == "stop":
+            raise FloatingPointError(message + "; set module.nonfinite=skip to skip such steps")
+        self.nonfinite_skips += 1
+        log.warning("skipping: %s", message)
+        if self.nonfinite_skips > self.max_nonfinite_skips:
+            raise FloatingPointError(
+                f"{self.nonfinite_skips} non-finite steps skipped, more than "
+                f"module.max_nonfinite_skips={self.max_nonfinite_skips}; last: {message}"
+            )
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         out = self.model_step(batch)
+        if not torch.isfinite(out.loss_sum.detach()):
+            self._nonfinite("loss", batch_idx, batch.get("rows"), {"loss": out.loss, **out.metrics})
+            return None  # Lightning skips backward for this micro-batch
+        self._last_batch = (batch_idx, batch.get("rows"))
         batch_size = batch["input_ids"].shape[0]
         for name, value in {"loss": out.loss.detach(), **out.metrics}.items():
             key = f"train/loss_terms/{name}" if name in LOSS_TERMS else f"train/{name}"
@@ -158,10 +191,23 @@ class SFTModule(L.LightningModule):
         # Lightning divided each micro-batch loss by the accumulation count and the
         # strategy averaged gradients over ranks: undo both, then divide by the tokens.
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / total.clamp(min=1.0)
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    param.grad.mul_(scale.to(param.grad.dtype))
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        for grad in grads:
+            grad.mul_(scale.to(grad.dtype))
+        self._check_gradients(optimizer, grads)
+
+    def _check_gradients(self, optimizer: torch.optim.Optimizer, grads: list[torch.Tensor]) -> None:
+        local_bad = torch.tensor(
+            float(any(not torch.isfinite(g).all() for g in grads)), device=self.device
+        )
+        # Sharded strategies hold different gradient shards per rank: agree on the verdict.
+        if self.trainer.strategy.reduce(local_bad, reduce_op="sum") > 0:
+            batch_idx, rows = getattr(self, "_last_batch", (None, None))
+            self._nonfinite("gradient", batch_idx, rows, {})
+            for group in optimizer.param_groups:
+                for param in group["params"]:
+                    param.grad = None  # optimisers skip parameters without gradients
+        self.log("train/skipped_nonfinite", float(self.nonfinite_skips), on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, split: str, batch: dict[str, torch.Tensor]) -> None:
@@ -193,7 +239,11 @@ class SFTModule(L.LightningModule):
 
             tau, mask_rate = calibrate_tau(self, self.trainer.datamodule)
             self.loss_fn.set_tau(tau)
-            self.log_dict({"calibration/tau": tau, "calibration/mask_rate": mask_rate}, rank_zero_only=True)
+            values = {"calibration/tau": tau, "calibration/mask_rate": mask_rate}
+            # self.log is not available in on_fit_start: write to the loggers directly.
+            for logger in self.loggers:
+                logger.log_metrics(values, step=self.global_step)
+            self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
             log.info("calibrated tau=%.4f (mask rate %.3f on calibration positions)", tau, mask_rate)
 
     # ------------------------------------------------------------------ optimisation

@@ -1,0 +1,100 @@
+"""Diversity and accuracy of sampled completions, measured during training."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+from sedsft.evaluation.evaluate import score_samples
+from sedsft.evaluation.sampling import Samples, sample_completions
+
+log = logging.getLogger(__name__)
+
+
+def _gather(obj: Any) -> list[Any]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class GenerationEval(L.Callback):
+    """Every ``every_n_val_epochs`` validations, sample ``num_samples`` completions for
+    ``num_prompts`` held-out prompts and log ``gen/*``: distinct-1..4, self-BLEU, sampled
+    token entropy, pass@1, pass@k, avg@k; plus a text panel with a few prompts.
+
+    Prompts are split across ranks and the samples gathered, so the numbers are those of
+    the whole prompt set. The model is sampled in eval mode, without gradients.
+
+    Args:
+        every_n_val_epochs: run on every n-th validation (1: every validation).
+        num_prompts: held-out prompts sampled (the first ones of the validation split).
+        num_samples: completions per prompt (the k of pass@k and avg@k).
+        max_new_tokens: generation budget per completion.
+        temperature: sampling temperature.
+        top_p: nucleus sampling threshold.
+        batch_size: prompts per ``generate`` call.
+        log_prompts: prompts shown (with all their samples) in the TensorBoard text panel.
+        seed: sampling seed, so successive evaluations differ only by the model.
+    """
+
+    def __init__(
+        self,
+        every_n_val_epochs: int = 1,
+        num_prompts: int = 32,
+        num_samples: int = 8,
+        max_new_tokens: int = 128,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        batch_size: int = 16,
+        log_prompts: int = 3,
+        seed: int = 1234,
+    ):
+        if every_n_val_epochs < 1:
+            raise ValueError(f"every_n_val_epochs must be >= 1, got {every_n_val_epochs}")
+        self.every_n_val_epochs = every_n_val_epochs
+        self.num_prompts, self.num_samples = num_prompts, num_samples
+        self.sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "batch_size": batch_size}
+        self.log_prompts, self.seed = log_prompts, seed
+        self._validations = 0
+        self.last_metrics: dict[str, float] = {}
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self._validations += 1
+        if self._validations % self.every_n_val_epochs:
+            return
+        prompts = trainer.datamodule.prompts("val", limit=self.num_prompts)
+        mine = prompts[trainer.global_rank :: trainer.world_size]
+        # Same seed on every evaluation: sample differences come from the model only.
+        with torch.random.fork_rng(devices=[] if pl_module.device.type == "cpu" else [pl_module.device]):
+            samples = sample_completions(
+                pl_module.model, pl_module.tokenizer, [p for p, _ in mine], num_samples=self.num_samples, seed=self.seed + trainer.global_rank, **self.sampling
+            )
+        gathered = _gather((mine, samples))
+        all_prompts = [p for part, _ in gathered for p in part]
+        merged = Samples(
+            texts=[t for _, s in gathered for t in s.texts],
+            num_tokens=[n for _, s in gathered for n in s.num_tokens],
+            entropy=sum(s.entropy * sum(map(sum, s.num_tokens)) for _, s in gathered) / max(1, sum(sum(map(sum, s.num_tokens)) for _, s in gathered)),
+        )
+        metrics, correct = score_samples(merged, [gold for _, gold in all_prompts], self.num_samples)
+        self.last_metrics = metrics
+        pl_module.log_dict({f"gen/{k}": v for k, v in metrics.items()}, rank_zero_only=True)
+        experiment = getattr(pl_module.logger, "experiment", None)
+        if trainer.is_global_zero and hasattr(experiment, "add_text"):
+            experiment.add_text("gen/samples", self._panel(all_prompts, merged, correct), global_step=trainer.global_step)
+
+    def _panel(self, prompts, samples: Samples, correct) -> str:
+        lines = []
+        for (prompt, gold), group, marks in list(zip(prompts, samples.texts, correct, strict=True))[: self.log_prompts]:
+            lines.append(f"**prompt:** {prompt[-1]['content']}  \n**gold:** {gold}\n")
+            lines += [f"{j}. {'✓' if ok else '✗' if ok is not None else ''} `{text}`" for j, (text, ok) in enumerate(zip(group, marks, strict=True))]
+            lines.append("")
+        return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Generation-time evaluation: sampling k completions per prompt and scoring them."""

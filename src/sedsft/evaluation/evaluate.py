@@ -1,0 +1,67 @@
+"""Score sampled generations: diversity, accuracy, sampled-token entropy."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from sedsft.evaluation.sampling import Samples, sample_completions
+from sedsft.metrics import AvgAtK, PassAtK, answers_correct, diversity_and_accuracy
+
+
+def score_samples(
+    samples: Samples, golds: Sequence[str | None], k: int
+) -> tuple[dict[str, float], list[list[bool | None]]]:
+    """Every metric of the evaluation for already-sampled completions, and per-sample
+    correctness (None where the prompt has no gold answer).
+
+    Diversity covers all prompts; pass@1, pass@k and avg@k the prompts with a gold answer.
+    """
+    metrics = diversity_and_accuracy(samples.texts, None, k)
+    correct = [
+        answers_correct(group, [gold] * len(group)) if gold is not None else [None] * len(group)
+        for group, gold in zip(samples.texts, golds, strict=True)
+    ]
+    scored = [c for c, gold in zip(correct, golds, strict=True) if gold is not None]
+    if scored:
+        for name, metric in (("pass@1", PassAtK(1)), (f"pass@{k}", PassAtK(k)), (f"avg@{k}", AvgAtK())):
+            metric.update(scored)
+            metrics[name] = float(metric.compute())
+    metrics["sampled_entropy"] = samples.entropy
+    lengths = [n for group in samples.num_tokens for n in group]
+    metrics["mean_new_tokens"] = sum(lengths) / max(len(lengths), 1)
+    return metrics, correct
+
+
+def evaluate_generations(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[list[dict]],
+    golds: Sequence[str | None],
+    num_samples: int = 8,
+    **sampling: Any,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Sample ``num_samples`` completions per prompt and score them.
+
+    Returns the metrics and one record per sample (prompt index, sample index, prompt,
+    gold, completion, correctness, length) for ``samples.jsonl``.
+    """
+    samples = sample_completions(model, tokenizer, prompts, num_samples=num_samples, **sampling)
+    metrics, correct = score_samples(samples, golds, num_samples)
+    records = [
+        {
+            "prompt_index": i,
+            "sample": j,
+            "prompt": prompt[-1]["content"],
+            "gold": gold,
+            "completion": text,
+            "correct": correct[i][j],
+            "new_tokens": samples.num_tokens[i][j],
+        }
+        for i, (prompt, gold) in enumerate(zip(prompts, golds, strict=True))
+        for j, text in enumerate(samples.texts[i])
+    ]
+    return metrics, records
