@@ -104,6 +104,7 @@ def compose_config(tmp_path: Path, cache_dir: Path, *overrides: str, shrink: boo
 
     GlobalHydra.instance().clear()
     small = [
+        "model.pretrain_steps=4",  # exercises pretraining; the full prior costs CPU minutes
         "data.train.n=96",
         "data.val.n=24",
         "data.batch_size=8",

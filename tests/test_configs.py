@@ -47,3 +47,31 @@ def test_sed_release_preset_differs_from_sed_only_in_the_quirks(tmp_path, cache_
     assert diff == {"top_k", "calib_top_k", "calib_positions"}
     assert (release.top_k, release.calib_top_k, release.calib_positions) == (2, 10, "all")
 
+
+
+TOY_EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("toy_*.yaml") if p.stem != "toy_base")
+
+
+@pytest.mark.parametrize("experiment", TOY_EXPERIMENTS)
+def test_toy_experiments_differ_only_in_the_loss(tmp_path, cache_dir, experiment):
+    cfg = compose_config(tmp_path, cache_dir, f"experiment={experiment}", shrink=False)
+    reference = compose_config(tmp_path, cache_dir, "experiment=toy_ce", shrink=False)
+    assert cfg.loss.name == experiment.removeprefix("toy_")
+    for key in ("data", "model", "trainer", "optimizer", "scheduler", "callbacks", "seed"):
+        assert cfg[key] == reference[key], key
+    assert cfg.callbacks.generation_eval.sample_classifier == "sedsft.data.toy_math.classify_style"
+
+
+def test_toy_grid_covers_every_loss_and_three_seeds(tmp_path, cache_dir):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from sedsft.losses import LOSS_NAMES
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train.yaml", overrides=["hparams_search=toy_grid"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert {e.removeprefix("toy_") for e in params.experiment.split(",")} == set(LOSS_NAMES)
+    assert params.seed.split(",") == ["1", "2", "3"]
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"

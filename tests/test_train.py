@@ -58,7 +58,7 @@ def test_cli_fast_dev_run(tmp_path, cache_dir):
     """``python src/train.py`` itself, as a user types it (one batch each way)."""
     env = {**os.environ, "SEDSFT_CACHE": str(cache_dir), "PYTHONPATH": ""}
     result = subprocess.run(
-        [sys.executable, "src/train.py", "debug=fdr", "loss=sed", f"paths.log_dir={tmp_path}", "data.train.n=64", "data.val.n=16"],
+        [sys.executable, "src/train.py", "debug=fdr", "loss=sed", "model.pretrain_steps=4", f"paths.log_dir={tmp_path}", "data.train.n=64", "data.val.n=16"],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import hydra
 import lightning as L
 import torch
 import torch.distributed as dist
@@ -41,6 +42,9 @@ class GenerationEval(L.Callback):
         batch_size: prompts per ``generate`` call.
         log_prompts: prompts shown (with all their samples) in the TensorBoard text panel.
         seed: sampling seed, so successive evaluations differ only by the model.
+        sample_classifier: dotted path of a function text -> label (e.g.
+            ``sedsft.data.toy_math.classify_style``); adds gen/label_entropy,
+            gen/labels_per_prompt and gen/label_frac/<label>.
     """
 
     def __init__(
@@ -54,6 +58,7 @@ class GenerationEval(L.Callback):
         batch_size: int = 16,
         log_prompts: int = 3,
         seed: int = 1234,
+        sample_classifier: str | None = None,
     ):
         if every_n_val_epochs < 1:
             raise ValueError(f"every_n_val_epochs must be >= 1, got {every_n_val_epochs}")
@@ -61,6 +66,7 @@ class GenerationEval(L.Callback):
         self.num_prompts, self.num_samples = num_prompts, num_samples
         self.sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "batch_size": batch_size}
         self.log_prompts, self.seed = log_prompts, seed
+        self.classify = hydra.utils.get_method(sample_classifier) if sample_classifier else None
         self._validations = 0
         self.last_metrics: dict[str, float] = {}
 
@@ -84,7 +90,7 @@ class GenerationEval(L.Callback):
             num_tokens=[n for _, s in gathered for n in s.num_tokens],
             entropy=sum(s.entropy * sum(map(sum, s.num_tokens)) for _, s in gathered) / max(1, sum(sum(map(sum, s.num_tokens)) for _, s in gathered)),
         )
-        metrics, correct = score_samples(merged, [gold for _, gold in all_prompts], self.num_samples)
+        metrics, correct = score_samples(merged, [gold for _, gold in all_prompts], self.num_samples, self.classify)
         self.last_metrics = metrics
         pl_module.log_dict({f"gen/{k}": v for k, v in metrics.items()}, rank_zero_only=True)
         experiment = getattr(pl_module.logger, "experiment", None)

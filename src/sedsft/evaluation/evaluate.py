@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from transformers import PreTrainedModel
@@ -12,13 +14,31 @@ from sedsft.evaluation.sampling import Samples, sample_completions
 from sedsft.metrics import AvgAtK, PassAtK, answers_correct, diversity_and_accuracy
 
 
+def label_diversity(groups: Sequence[Sequence[str]], classify: Callable[[str], str]) -> dict[str, float]:
+    """Diversity of a discrete label of each sample (e.g. the toy set's solution style):
+    ``label_entropy`` (nats) of the labels pooled over all samples, and
+    ``labels_per_prompt``, the mean number of distinct labels among a prompt's samples."""
+    labels = [[classify(text) for text in group] for group in groups]
+    counts = Counter(label for group in labels for label in group)
+    total = sum(counts.values())
+    entropy = -sum(c / total * math.log(c / total) for c in counts.values()) if total else 0.0
+    per_prompt = sum(len(set(group)) for group in labels) / max(len(labels), 1)
+    out = {"label_entropy": entropy, "labels_per_prompt": per_prompt}
+    out.update({f"label_frac/{name}": c / total for name, c in sorted(counts.items())})
+    return out
+
+
 def score_samples(
-    samples: Samples, golds: Sequence[str | None], k: int
+    samples: Samples,
+    golds: Sequence[str | None],
+    k: int,
+    classify: Callable[[str], str] | None = None,
 ) -> tuple[dict[str, float], list[list[bool | None]]]:
     """Every metric of the evaluation for already-sampled completions, and per-sample
     correctness (None where the prompt has no gold answer).
 
-    Diversity covers all prompts; pass@1, pass@k and avg@k the prompts with a gold answer.
+    Diversity covers all prompts; pass@1, pass@k and avg@k the prompts with a gold answer;
+    ``classify`` (text -> label) adds ``label_diversity``.
     """
     metrics = diversity_and_accuracy(samples.texts, None, k)
     correct = [
@@ -30,6 +50,8 @@ def score_samples(
         for name, metric in (("pass@1", PassAtK(1)), (f"pass@{k}", PassAtK(k)), (f"avg@{k}", AvgAtK())):
             metric.update(scored)
             metrics[name] = float(metric.compute())
+    if classify is not None:
+        metrics.update(label_diversity(samples.texts, classify))
     metrics["sampled_entropy"] = samples.entropy
     lengths = [n for group in samples.num_tokens for n in group]
     metrics["mean_new_tokens"] = sum(lengths) / max(len(lengths), 1)
@@ -42,6 +64,7 @@ def evaluate_generations(
     prompts: Sequence[list[dict]],
     golds: Sequence[str | None],
     num_samples: int = 8,
+    classify: Callable[[str], str] | None = None,
     **sampling: Any,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Sample ``num_samples`` completions per prompt and score them.
@@ -50,7 +73,7 @@ def evaluate_generations(
     gold, completion, correctness, length) for ``samples.jsonl``.
     """
     samples = sample_completions(model, tokenizer, prompts, num_samples=num_samples, **sampling)
-    metrics, correct = score_samples(samples, golds, num_samples)
+    metrics, correct = score_samples(samples, golds, num_samples, classify)
     records = [
         {
             "prompt_index": i,
@@ -59,6 +82,7 @@ def evaluate_generations(
             "gold": gold,
             "completion": text,
             "correct": correct[i][j],
+            "label": classify(text) if classify is not None else None,
             "new_tokens": samples.num_tokens[i][j],
         }
         for i, (prompt, gold) in enumerate(zip(prompts, golds, strict=True))

@@ -56,6 +56,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         top_p=cfg.top_p,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
+        classify=hydra.utils.get_method(cfg.sample_classifier) if cfg.get("sample_classifier") else None,
     )
     metrics["num_prompts"] = float(len(prompts))
     output_dir = Path(cfg.paths.output_dir)

@@ -24,6 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from sedsft.data import toy_math
 from sedsft.data.formats import PAPER_SYSTEM_PROMPT
 from sedsft.models.hf import CausalLMSpec
+from sedsft.utils.schedules import cosine_with_warmup
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,59 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     return fast
 
 
-def build_tiny(directory: Path, arch: TinyArch, seed: int, corpus_size: int) -> None:
-    """Train the tokenizer, build a randomly initialised Llama, save both in ``directory``."""
+def pretrain(
+    model: LlamaForCausalLM,
+    tokenizer: PreTrainedTokenizerFast,
+    steps: int,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    seed: int = 0,
+    style_weights: dict[str, float] | None = None,
+) -> list[float]:
+    """Give the model a prior: next-token training on every token of chat-formatted toy
+    problems whose solutions are drawn from all styles (uniformly by default).
+
+    Afterwards the model spreads probability over the styles where a reply begins, so
+    SFT data that favours one style has a distribution to collapse. Returns the losses.
+    """
+    rows = toy_math.generate(steps * batch_size, seed=seed + 10_000, style_weights=style_weights)
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["response"]}],
+            tokenize=False,
+        )
+        for r in rows
+    ]
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+    schedule = cosine_with_warmup(optimizer, num_training_steps=steps, warmup_ratio=0.05)
+    model.train()
+    losses = []
+    for step in range(steps):
+        chunk = encoded[step * batch_size : (step + 1) * batch_size]
+        length = max(map(len, chunk))
+        ids = torch.full((len(chunk), length), tokenizer.pad_token_id)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(chunk):
+            ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+        labels = ids.masked_fill(mask == 0, -100)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if step % 50 == 0 or step == steps - 1:
+            log.info("pretraining tiny model: step %d/%d loss %.3f", step + 1, steps, loss.item())
+    return losses
+
+
+def build_tiny(
+    directory: Path, arch: TinyArch, seed: int, corpus_size: int, pretrain_steps: int = 0, pretrain_kwargs: dict | None = None
+) -> None:
+    """Train the tokenizer, build a Llama (pretrained on toy text when ``pretrain_steps``),
+    save both in ``directory``."""
     # The chat scaffolding (role names, the paper's system prompt) is part of every
     # example, so it belongs in the tokenizer's corpus too.
     scaffold = ["system user assistant", PAPER_SYSTEM_PROMPT] * 50
@@ -96,6 +148,8 @@ def build_tiny(directory: Path, arch: TinyArch, seed: int, corpus_size: int) -> 
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
+    if pretrain_steps:
+        pretrain(model, tokenizer, pretrain_steps, seed=seed, **(pretrain_kwargs or {}))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(directory)
@@ -111,6 +165,9 @@ class TinyLMSpec(CausalLMSpec):
         seed: seed of tokenizer corpus and weight initialisation.
         corpus_size: toy problems used to train the tokenizer.
         arch: sizes of the Llama (see ``TinyArch``).
+        pretrain_steps: steps of toy-text pretraining that give the model a prior over
+            solution styles (0: random initialisation).
+        pretrain: options of ``pretrain`` (batch_size, lr, style_weights).
     """
 
     name_or_path: str = "tiny-llama"
@@ -119,6 +176,8 @@ class TinyLMSpec(CausalLMSpec):
     seed: int = 0
     corpus_size: int = 2000
     arch: dict | None = None
+    pretrain_steps: int = 0
+    pretrain: dict | None = None
 
     def construction(self) -> dict:
         return {
@@ -126,6 +185,8 @@ class TinyLMSpec(CausalLMSpec):
             "arch": asdict(TinyArch(**(self.arch or {}))),
             "seed": self.seed,
             "corpus_size": self.corpus_size,
+            "pretrain_steps": self.pretrain_steps,
+            "pretrain": dict(self.pretrain or {}),
         }
 
     def resolved_path(self) -> str:
@@ -139,7 +200,9 @@ class TinyLMSpec(CausalLMSpec):
             # workers) never see a half-written model.
             scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
             try:
-                build_tiny(scratch, TinyArch(**recipe["arch"]), self.seed, self.corpus_size)
+                build_tiny(
+                    scratch, TinyArch(**recipe["arch"]), self.seed, self.corpus_size, self.pretrain_steps, recipe["pretrain"]
+                )
                 (scratch / "construction.json").write_text(json.dumps(recipe, indent=2))
                 os.replace(scratch, target)
             except OSError:

@@ -1,0 +1,62 @@
+"""Multirun analysis: hand-made runs give exact tables; the notebook runs on the fixture."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import nbformat
+import pytest
+from conftest import ROOT
+from nbclient import NotebookClient
+from omegaconf import OmegaConf
+
+from sedsft.utils.analysis import collect_runs, mean_std, summarize
+
+FIXTURE = ROOT / "tests" / "fixtures" / "toy_multirun"
+
+
+def fake_run(directory, loss: str, seed: int, metrics: dict) -> None:
+    (directory / ".hydra").mkdir(parents=True)
+    OmegaConf.save({"seed": seed, "loss": {"name": loss, "lam": 1.0}}, directory / ".hydra" / "config.yaml")
+    OmegaConf.save({"hydra": {"runtime": {"choices": {"loss": loss, "experiment": f"toy_{loss}"}}}}, directory / ".hydra" / "hydra.yaml")
+    (directory / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_collect_and_summarize_hand_computed(tmp_path):
+    fake_run(tmp_path / "0", "ce", 1, {"gen/pass@1": 0.2, "gen/distinct_2": 0.10})
+    fake_run(tmp_path / "1", "ce", 2, {"gen/pass@1": 0.4, "gen/distinct_2": 0.30})
+    fake_run(tmp_path / "2", "sed", 1, {"gen/pass@1": 0.5, "gen/distinct_2": 0.60})
+    (tmp_path / "not_a_run").mkdir()
+    runs = collect_runs(tmp_path)
+    assert sorted(runs["run"]) == ["0", "1", "2"]
+    assert set(runs["experiment"]) == {"toy_ce", "toy_sed"}
+    # ce: mean(0.2, 0.4) = 0.3, sample std = sqrt(((0.1)^2 + (0.1)^2) / 1) = 0.1414
+    stats = mean_std(runs, "gen/pass@1")
+    assert stats.loc["ce", "mean"] == pytest.approx(0.3)
+    assert stats.loc["ce", "std"] == pytest.approx(0.141421, abs=1e-6)
+    assert stats.loc["sed", "std"] == 0.0  # a single run
+    table = summarize(runs, ["gen/pass@1", "gen/distinct_2", "not/a_metric"])
+    assert table.loc["ce", "gen/pass@1"] == "0.300 ± 0.141"
+    assert table.loc["sed", "gen/distinct_2"] == "0.600 ± 0.000"
+    assert list(table["runs"]) == [2, 1]
+    assert "not/a_metric" not in table.columns
+
+
+def test_collect_runs_rejects_a_directory_without_runs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no run with metrics.json"):
+        collect_runs(tmp_path)
+
+
+def test_notebook_executes_on_the_committed_fixture(tmp_path, monkeypatch):
+    assert collect_runs(FIXTURE)["loss"].nunique() >= 2
+    monkeypatch.setenv("SEDSFT_MULTIRUN", str(FIXTURE))
+    monkeypatch.setenv("SEDSFT_FIGURES", str(tmp_path))
+    monkeypatch.setenv("PROJECT_ROOT", str(ROOT))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
+    notebook = nbformat.read(ROOT / "notebooks" / "toy_lab.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    assert (tmp_path / "diversity_vs_accuracy.png").stat().st_size > 10_000
+    assert (tmp_path / "histograms.png").stat().st_size > 10_000
+    outputs = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
+    assert "±" in outputs
