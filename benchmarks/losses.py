@@ -1,0 +1,301 @@
+"""Time and peak memory of the token losses: naive dense vs chunked logits vs fused head.
+
+For each loss and path this measures forward + backward time (median, or min, of
+``--repeats``) and the peak memory above what the inputs already hold:
+
+- ``dense``: the formula on full ``[N, V]`` float32 softmax tensors with autograd, as the
+  authors' release does;
+- ``chunked``: ``loss_fn(logits, labels)`` (sedsft engine, gradient computed per chunk);
+- ``fused_dense``: ``hidden @ W.T`` to full logits, then the dense formula;
+- ``fused``: ``loss_fn.fused(hidden, W, labels)``, never holding ``N x V``.
+
+Memory is measured on the first call of each (loss, path) cell in its own fresh
+subprocess, so allocator caches never hide or leak allocations: on CUDA
+``torch.cuda.max_memory_allocated``; on the CPU the peak RSS (``VmHWM`` after writing 5
+to ``/proc/self/clear_refs``) minus the RSS at reset, inputs allocated before. Time is
+measured per path in one subprocess that runs the losses round-robin, so load changes on
+a shared machine hit every loss alike (use ``--stat min`` under heavy contention).
+
+    PYTHONPATH=src python benchmarks/losses.py --n 512 --v 32000
+    PYTHONPATH=src python benchmarks/losses.py --device cuda --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sedsft.losses import build_loss, topk_mass
+
+PATHS = ("dense", "chunked", "fused_dense", "fused")
+# Benchmark names -> (loss name, knobs). SED gets its tau from calibration on the inputs.
+LOSS_SPECS = {
+    "ce": ("ce", {}),
+    "sed": ("sed", {"lam": 1.0, "top_k": 10}),
+    "sed_nomask": ("sed_nomask", {"lam": 1.0}),
+    "gem": ("gem", {"beta": 0.7, "h": "linear"}),
+    "gem_logsigmoid": ("gem", {"beta": 0.7, "h": "logsigmoid"}),
+    "dft": ("dft", {}),
+    "entropy": ("entropy", {"lam": 0.1}),
+}
+IGNORE = -100
+
+
+# -- naive dense formulas -----------------------------------------------------------------------
+def dense_loss(name: str, knobs: dict, logits: torch.Tensor, labels: torch.Tensor):
+    """Mean loss over target tokens from full-size float32 tensors (logits [N, V])."""
+    z = logits.float()
+    if name == "ce":
+        return F.cross_entropy(z, labels, ignore_index=IGNORE)
+    keep = labels != IGNORE
+    safe = labels.clamp(min=0).unsqueeze(1)
+    logp = torch.log_softmax(z, -1)
+    logp_y = logp.gather(1, safe).squeeze(1)
+    if name in ("sed", "sed_nomask"):
+        p = torch.softmax(z, -1)
+        p_y = p.gather(1, safe).squeeze(1)
+        reg = knobs["lam"] * (p_y - 0.5) ** 2
+        if name == "sed":
+            with torch.no_grad():
+                mask = (p.topk(knobs["top_k"], -1).values.sum(-1) < knobs["tau"]).float()
+            reg = reg * mask
+        per = -logp_y + reg
+    elif name == "gem":
+        q = torch.softmax(z.detach() / knobs["beta"], -1)
+        if knobs["h"] == "logsigmoid":
+            q = q * torch.sigmoid(0.01 * (z.detach() - z.detach().gather(1, safe)))
+        per = -(q * (logp_y.unsqueeze(1) - logp)).sum(-1)
+    elif name == "dft":
+        per = -logp_y.exp().detach() * logp_y
+    elif name == "entropy":
+        entropy = -(logp.exp() * logp).sum(-1)
+        per = -logp_y - knobs["lam"] * entropy
+    else:
+        raise ValueError(name)
+    return (per * keep).sum() / keep.sum().clamp(min=1)
+
+
+# -- memory probes ----------------------------------------------------------------------------------
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak(device: torch.device) -> int:
+    """Reset the peak counter; returns the current usage in bytes (the baseline)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated()
+    Path("/proc/self/clear_refs").write_text("5")
+    return _rss_kib("VmRSS") * 1024
+
+
+def read_peak(device: torch.device) -> int:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    return _rss_kib("VmHWM") * 1024
+
+
+# -- one cell ---------------------------------------------------------------------------------------
+def make_inputs(args, path: str, device: torch.device, dtype: torch.dtype):
+    """Random inputs; rows are tiled from 256 random rows (generating 500M normals on the
+    CPU would take longer than the benchmark)."""
+    g = torch.Generator().manual_seed(args.seed)
+    reps = -(-args.n // 256)
+    labels = torch.randint(0, args.v, (args.n,), generator=g)
+    labels[torch.rand(args.n, generator=g) < args.ignore_frac] = IGNORE
+    labels = labels.to(device)
+    if path in ("dense", "chunked"):
+        base = (torch.randn(256, args.v, generator=g) * args.scale).to(device, dtype)
+        logits = base.repeat(reps, 1)[: args.n].contiguous().requires_grad_()
+        return {"logits": logits}, labels
+    base = torch.randn(256, args.d, generator=g).to(device, dtype)
+    hidden = base.repeat(reps, 1)[: args.n].contiguous().requires_grad_()
+    weight = (torch.randn(args.v, args.d, generator=g) * args.scale / args.d**0.5).to(device, dtype)
+    return {"hidden": hidden, "weight": weight.requires_grad_()}, labels
+
+
+def make_step(args, bench_name: str, path: str, inputs: dict, labels: torch.Tensor):
+    """A closure running one forward + backward of ``bench_name`` on ``path``."""
+    device = torch.device(args.device)
+    name, knobs = LOSS_SPECS[bench_name]
+    knobs = dict(knobs)
+    if name == "sed":
+        # tau from the inputs themselves, so about 30% of tokens are regularised.
+        with torch.no_grad():
+            sample = inputs.get("logits")
+            if sample is None:
+                sample = inputs["hidden"][:256] @ inputs["weight"].T
+            knobs["tau"] = float(topk_mass(sample[:256], knobs["top_k"]).quantile(0.3))
+    loss_fn = build_loss(name, chunk_size=args.chunk_size, **knobs).to(device)
+
+    def step() -> float:
+        if path == "dense":
+            loss = dense_loss(name, knobs, inputs["logits"], labels)
+        elif path == "chunked":
+            loss = loss_fn(inputs["logits"], labels).loss
+        elif path == "fused_dense":
+            loss = dense_loss(name, knobs, inputs["hidden"] @ inputs["weight"].T, labels)
+        else:
+            loss = loss_fn.fused(inputs["hidden"], inputs["weight"], labels).loss
+        loss.backward()
+        value = float(loss)
+        for t in inputs.values():
+            t.grad = None
+        return value
+
+    return step
+
+
+def memory_cell(args, bench_name: str, path: str) -> dict:
+    """Peak extra memory of the first fwd+bwd in a fresh process (nothing cached yet)."""
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    inputs, labels = make_inputs(args, path, device, dtype)
+    step = make_step(args, bench_name, path, inputs, labels)
+    gc.collect()
+    baseline = reset_peak(device)
+    t0 = time.perf_counter()
+    value = step()
+    seconds = time.perf_counter() - t0
+    return {"peak_bytes": read_peak(device) - baseline, "first_s": seconds, "loss": value}
+
+
+def timing_path(args, names: list[str], path: str) -> dict:
+    """Times of every loss on one path, interleaved round-robin over ``--repeats`` rounds,
+    so a load change on a shared machine hits all losses alike."""
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    inputs, labels = make_inputs(args, path, device, dtype)
+    steps = {name: make_step(args, name, path, inputs, labels) for name in names}
+    for step in steps.values():  # warm-up
+        step()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(args.repeats):
+        for name, step in steps.items():
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    stat = statistics.median if args.stat == "median" else min
+    return {name: stat(ts) for name, ts in times.items()}
+
+
+# -- driver -----------------------------------------------------------------------------------------
+def in_subprocess(args, *flag: str) -> dict:
+    cmd = [sys.executable, __file__, *flag, *args.forward_argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _ratio(cell: dict, other: dict, key: str) -> str:
+    return f"{cell[key] / other[key]:.2f}" if other.get(key) else "-"
+
+
+def print_table(args, results: dict, paths: list[str], names: list[str]) -> None:
+    gib = 1024**3
+    print(
+        f"\nN={args.n} V={args.v} D={args.d} dtype={args.dtype} device={args.device} "
+        f"repeats={args.repeats} ignore_frac={args.ignore_frac} chunk_size={args.chunk_size}"
+    )
+    print(f"time = {args.stat} fwd+bwd seconds; mem = peak extra GiB; /ce = vs CE, same path;")
+    print("/dense = vs naive dense of the same loss (chunked vs dense, fused vs fused_dense)\n")
+    header = f"{'loss':<15}{'path':<12}{'time':>9}{'/ce':>7}{'/dense':>8}{'mem':>9}{'/ce':>7}{'/dense':>8}"
+    print(header)
+    print("-" * len(header))
+    ref_path = {"chunked": "dense", "fused": "fused_dense"}
+    for name in names:
+        for path in paths:
+            r = results[name][path]
+            if "error" in r:
+                print(f"{name:<15}{path:<12}  error: {r['error']}")
+                continue
+            ce = results.get("ce", {}).get(path, {})
+            dense = results[name].get(ref_path.get(path, ""), {})
+
+            print(
+                f"{name:<15}{path:<12}{r['time_s']:>9.3f}{_ratio(r, ce, 'time_s'):>7}"
+                f"{_ratio(r, dense, 'time_s'):>8}{r['peak_bytes'] / gib:>9.3f}"
+                f"{_ratio(r, ce, 'peak_bytes'):>7}{_ratio(r, dense, 'peak_bytes'):>8}"
+            )
+        print()
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=4096, help="token rows")
+    parser.add_argument("--v", type=int, default=128256, help="vocabulary size")
+    parser.add_argument("--d", type=int, default=4096, help="hidden size (fused paths)")
+    parser.add_argument("--losses", default=",".join(LOSS_SPECS), help="comma-separated")
+    parser.add_argument("--paths", default=",".join(PATHS), help=f"subset of {PATHS}")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds after a warm-up")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk")
+    parser.add_argument("--ignore-frac", type=float, default=0.0, help="share of -100 labels")
+    parser.add_argument("--scale", type=float, default=2.0, help="std of the logits")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--stat", default="median", choices=["median", "min"], help="min resists CPU contention"
+    )
+    # Internal: what one subprocess measures.
+    parser.add_argument("--memory-cell", nargs=2, metavar=("LOSS", "PATH"), help=argparse.SUPPRESS)
+    parser.add_argument("--time-path", nargs=2, metavar=("LOSSES", "PATH"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.forward_argv = list(argv if argv is not None else sys.argv[1:])
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.memory_cell:
+        print(json.dumps(memory_cell(args, *args.memory_cell)))
+        return
+    if args.time_path:
+        print(json.dumps(timing_path(args, args.time_path[0].split(","), args.time_path[1])))
+        return
+    names = [s for s in args.losses.split(",") if s]
+    paths = [s for s in args.paths.split(",") if s]
+    unknown = [s for s in names if s not in LOSS_SPECS] + [p for p in paths if p not in PATHS]
+    if unknown:
+        raise SystemExit(
+            f"unknown losses/paths {unknown}; losses: {list(LOSS_SPECS)}, paths: {PATHS}"
+        )
+    if "ce" not in names:
+        names.insert(0, "ce")
+    results: dict[str, dict[str, dict]] = {name: {} for name in names}
+    for path in paths:
+        for name in names:
+            results[name][path] = r = in_subprocess(args, "--memory-cell", name, path)
+            shown = r.get("error") or f"{r['peak_bytes'] / 1024**3:.3f} GiB"
+            print(f"  memory {name:<15}{path:<12}{shown}", file=sys.stderr, flush=True)
+        times = in_subprocess(args, "--time-path", ",".join(names), path)
+        for name in names:
+            cell = results[name][path]
+            if "error" in times:
+                cell.setdefault("error", times["error"])
+            elif "error" not in cell:
+                cell["time_s"] = times[name]
+        print(f"  time   {path}: {times}", file=sys.stderr, flush=True)
+    print_table(args, results, paths, names)
+
+
+if __name__ == "__main__":
+    main()

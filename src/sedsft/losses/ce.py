@@ -1,0 +1,20 @@
+"""Cross-entropy: the SFT baseline.
+
+Per target token ``-log p_y`` with ``p = softmax(z)``; gradient ``p - e_y``.
+"""
+
+from __future__ import annotations
+
+from sedsft.losses.base import TokenLoss
+from sedsft.losses.chunked import Chunk, ChunkResult, subtract_onehot_
+
+
+class CELoss(TokenLoss):
+    """``-log p_y``."""
+
+    name = "ce"
+
+    def chunk(self, c: Chunk) -> ChunkResult:
+        if c.need_grad:
+            subtract_onehot_(c.buf, c.y)
+        return ChunkResult(c.ce)

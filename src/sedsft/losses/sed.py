@@ -1,0 +1,170 @@
+"""SED-SFT: Chen, Liu, Meng, "SED-SFT: Selectively Encouraging Diversity in Supervised
+Fine-Tuning", ACL 2026 (arXiv 2602.07464).
+
+Per target token ``-log p_y + lam * m * (p_y - 1/2)^2`` with the mask
+``m = 1[c_k < tau]``, ``c_k`` the sum of the k largest probabilities (no gradient through
+``m``). The regulariser only acts where the model spreads its mass (a large exploration
+space). ``tau`` is calibrated once on the initial model (see ``calibration.py``).
+
+Gradient: ``d (p_y - 1/2)^2 / dz = -2 (p_y - 1/2) p_y (p - e_y)``, so the whole gradient is
+CE's ``p - e_y`` times the per-row factor ``1 - 2 lam m (p_y - 1/2) p_y``: SED costs CE plus
+the top-k mass.
+
+``sed_nomask`` (the paper's "SED-SFT w/o mask" ablation) applies the regulariser everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from sedsft.losses.base import TokenLoss, check, check_lam, check_positive_int
+from sedsft.losses.calibration import tau_from_topk_mass
+from sedsft.losses.chunked import Chunk, ChunkResult, subtract_onehot_
+
+CALIB_POSITIONS = ("target", "all")
+
+
+def _sed_chunk(c: Chunk, lam: float, mask: Tensor) -> ChunkResult:
+    """Shared by ``sed`` and ``sed_nomask``; ``mask`` [C] float 0/1."""
+    p_y = c.p_y
+    centred = p_y - 0.5
+    reg = lam * mask * centred.square()
+    scale = None
+    if c.need_grad:
+        subtract_onehot_(c.buf, c.y)
+        scale = 1.0 - 2.0 * lam * mask * centred * p_y
+    return ChunkResult(c.ce + reg, row_scale=scale, extras={"reg": reg, "mask_frac": mask})
+
+
+class SEDLoss(TokenLoss):
+    """SED-SFT loss.
+
+    Args:
+        lam: regulariser weight (the release's training script uses 1.0).
+        top_k: k of the top-k mass ``c_k`` that decides the mask.
+        tau: mask threshold in [0, 1]; ``None`` = calibrate before training
+            (``needs_calibration``). Kept in a buffer, so checkpoints carry it.
+        cumsum_ratio: calibration keeps this fraction of positions at or above ``tau``.
+        calib_top_k: k used during calibration; ``None`` = ``top_k``. The release
+            calibrates with 10 and trains with 2 (preset ``sed_release``).
+        calib_positions: calibrate on ``"target"`` positions or on ``"all"`` (release).
+        calib_num_examples: held-out examples used for calibration.
+        calibrate: calibrate ``tau`` when it is ``None``; ``False`` requires a ``tau``.
+        chunk_size: rows per chunk of the engine (``None`` = from a memory budget).
+    """
+
+    name = "sed"
+    extra_metrics = ("reg", "mask_frac")
+
+    def __init__(
+        self,
+        lam: float = 1.0,
+        top_k: int = 10,
+        tau: float | None = None,
+        cumsum_ratio: float = 0.7,
+        calib_top_k: int | None = None,
+        calib_positions: str = "target",
+        calib_num_examples: int = 100,
+        chunk_size: int | None = None,
+        calibrate: bool = True,
+    ):
+        super().__init__(chunk_size)
+        self.lam = check_lam(lam)
+        check(
+            tau is not None or calibrate,
+            "tau is not set and calibrate=False: set loss.tau to a value in [0, 1], "
+            "or loss.calibrate=true to calibrate it with the initial model",
+        )
+        check_positive_int("top_k", top_k)
+        check_positive_int("calib_top_k", calib_top_k, allow_none=True)
+        check(
+            isinstance(cumsum_ratio, (int, float)) and 0 < cumsum_ratio <= 1,
+            f"cumsum_ratio must be in (0, 1], got {cumsum_ratio!r}",
+        )
+        check(
+            calib_positions in CALIB_POSITIONS,
+            f"calib_positions must be one of {list(CALIB_POSITIONS)}, got {calib_positions!r}",
+        )
+        check_positive_int("calib_num_examples", calib_num_examples)
+        self.top_k, self.calib_top_k = top_k, calib_top_k
+        self.cumsum_ratio = float(cumsum_ratio)
+        self.calib_positions, self.calib_num_examples = calib_positions, calib_num_examples
+        self.register_buffer("tau", torch.tensor(math.nan))
+        if tau is not None:
+            self.set_tau(tau)
+        self._tau = math.nan
+
+    def extra_repr(self) -> str:
+        return f"lam={self.lam}, top_k={self.top_k}, tau={float(self.tau):.6g}"
+
+    @property
+    def needs_top_k(self) -> int:
+        return self.top_k
+
+    @property
+    def calibration_top_k(self) -> int:
+        """k to use when collecting top-k masses for calibration."""
+        return self.calib_top_k if self.calib_top_k is not None else self.top_k
+
+    @property
+    def needs_calibration(self) -> bool:
+        return math.isnan(float(self.tau))
+
+    def set_tau(self, tau: float) -> None:
+        check(
+            isinstance(tau, (int, float)) and 0.0 <= tau <= 1.0,
+            f"tau must be a number in [0, 1] (or None to calibrate), got {tau!r}",
+        )
+        self.tau.fill_(float(tau))
+
+    def calibrate(self, topk_masses: Tensor) -> float:
+        """Set ``tau`` from top-k masses [n] collected on held-out data; returns it."""
+        tau = tau_from_topk_mass(topk_masses, self.cumsum_ratio)
+        self.set_tau(tau)
+        return tau
+
+    def _apply(self, fn, recurse=True):
+        # Casting the module (e.g. ``.to(torch.bfloat16)``) must not round the threshold.
+        tau = self.tau
+        super()._apply(fn, recurse)
+        self.tau = tau.to(self.tau.device)
+        return self
+
+    def _before_call(self) -> None:
+        self._tau = float(self.tau)  # one host read per call, not per chunk
+        if math.isnan(self._tau):
+            raise RuntimeError(
+                "SEDLoss: tau is not set. Calibrate it before training "
+                "(loss.calibrate(topk_masses) or loss.set_tau(value)), or pass tau=..."
+            )
+
+    def chunk(self, c: Chunk) -> ChunkResult:
+        # Decided in exact arithmetic at the ends, where float rounding of c_k matters:
+        # c_k == 1 when k >= V (never masked), and c_k < 1 = tau whenever k < V.
+        if self.top_k >= c.z.shape[1]:
+            mask = torch.zeros_like(c.lse)
+        elif self._tau >= 1.0:
+            mask = torch.ones_like(c.lse)
+        else:
+            mask = (c.topk_mass < self._tau).float()
+        return _sed_chunk(c, self.lam, mask)
+
+
+class SEDNoMaskLoss(TokenLoss):
+    """``-log p_y + lam (p_y - 1/2)^2`` on every target token (ablation "SED-SFT w/o mask")."""
+
+    name = "sed_nomask"
+    extra_metrics = ("reg", "mask_frac")
+
+    def __init__(self, lam: float = 1.0, chunk_size: int | None = None, stats_top_k: int = 10):
+        super().__init__(chunk_size, stats_top_k)
+        self.lam = check_lam(lam)
+
+    def extra_repr(self) -> str:
+        return f"lam={self.lam}"
+
+    def chunk(self, c: Chunk) -> ChunkResult:
+        return _sed_chunk(c, self.lam, torch.ones_like(c.lse))

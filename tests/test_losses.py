@@ -1,0 +1,508 @@
+"""Token losses against float64 dense references written straight from the formulas."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sedsft.losses import (
+    LOSS_NAMES,
+    SEDLoss,
+    build_loss,
+    tau_from_topk_mass,
+    topk_mass,
+)
+from sedsft.losses.chunked import plan_chunks, topk_logits
+
+IGNORE = -100
+
+
+# -- references ---------------------------------------------------------------------------
+def reference_per_token(name: str, z: torch.Tensor, y: torch.Tensor, **kw) -> torch.Tensor:
+    """Per-token loss [n] over the target rows ``z`` [n, V], ``y`` [n] (float64, autograd)."""
+    logp = torch.log_softmax(z, -1)
+    p = logp.exp()
+    logp_y = logp.gather(1, y[:, None]).squeeze(1)
+    p_y = logp_y.exp()
+    ce = -logp_y
+    if name == "ce":
+        return ce
+    if name == "sed":
+        with torch.no_grad():
+            mask = (p.topk(kw.get("top_k", 10), -1).values.sum(-1) < kw["tau"]).double()
+        return ce + kw.get("lam", 1.0) * mask * (p_y - 0.5) ** 2
+    if name == "sed_nomask":
+        return ce + kw.get("lam", 1.0) * (p_y - 0.5) ** 2
+    if name == "gem":
+        q = torch.softmax(z / kw.get("beta", 0.7), -1).detach()
+        if kw.get("h", "linear") == "linear":
+            w = torch.ones_like(q)
+        else:
+            w = torch.sigmoid(0.01 * (z - z.gather(1, y[:, None]))).detach()
+        return -(q * w * (logp_y[:, None] - logp)).sum(-1)
+    if name == "dft":
+        return -p_y.detach() * logp_y
+    if name == "entropy":
+        return ce - kw.get("lam", 0.1) * (-(p * logp).sum(-1))
+    raise AssertionError(name)
+
+
+def reference_mean(name: str, logits: torch.Tensor, labels: torch.Tensor, **kw) -> torch.Tensor:
+    keep = labels != IGNORE
+    per = reference_per_token(name, logits[keep], labels[keep], **kw)
+    return per.sum() / max(int(keep.sum()), 1)
+
+
+def make_batch(n: int, vocab: int, seed: int = 0, scale: float = 3.0):
+    """Logits [n, V] and labels [n] with a contiguous ignored prefix plus scattered ignores,
+    so both the view (contiguous run) and the gather chunk paths run."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, vocab, generator=g) * scale
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < 0.2] = IGNORE
+    labels[: n // 4] = IGNORE
+    return logits, labels
+
+
+def sed_tau_between(logits: torch.Tensor, labels: torch.Tensor, top_k: int) -> float:
+    """A tau halfway between two neighbouring top-k masses, so float32 and float64 agree."""
+    mass = topk_mass(logits.double(), top_k, labels=labels).sort().values
+    i = mass.numel() // 2
+    return float((mass[i - 1] + mass[i]) / 2)
+
+
+CONFIGS = [
+    ("ce", {}),
+    ("sed", {"lam": 1.3, "top_k": 3}),
+    ("sed_nomask", {"lam": 0.8}),
+    ("gem", {"beta": 0.7, "h": "linear"}),
+    ("gem", {"beta": 0.5, "h": "logsigmoid"}),
+    ("dft", {}),
+    ("entropy", {"lam": 0.3}),
+]
+CONFIG_IDS = [f"{n}-{kw.get('h', '')}" for n, kw in CONFIGS]
+
+
+def knobs_for(name, kw, logits, labels):
+    kw = dict(kw)
+    if name == "sed":
+        kw["tau"] = sed_tau_between(logits, labels, kw["top_k"])
+    return kw
+
+
+# -- value and gradient ---------------------------------------------------------------------
+@pytest.mark.parametrize(("name", "kw"), CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize(("n", "vocab"), [(7, 11), (33, 257), (64, 1000)])
+def test_logits_path_matches_reference(name, kw, n, vocab):
+    logits, labels = make_batch(n, vocab, seed=n + vocab)
+    kw = knobs_for(name, kw, logits, labels)
+    x = logits.clone().requires_grad_()
+    out = build_loss(name, chunk_size=5, **kw)(x, labels)
+    out.loss.backward()
+
+    ref_x = logits.double().requires_grad_()
+    ref = reference_mean(name, ref_x, labels, **kw)
+    ref.backward()
+    keep = labels != IGNORE
+    assert out.num_tokens == int(keep.sum())
+    torch.testing.assert_close(out.loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        out.loss_sum.double(), ref.detach() * keep.sum(), rtol=1e-5, atol=1e-4
+    )
+    torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=1e-4, atol=1e-6)
+    assert torch.all(x.grad[~keep] == 0)
+
+    z = logits.double()[keep]
+    ce_ref = reference_per_token("ce", z, labels[keep]).mean()
+    p = torch.softmax(z, -1)
+    ent_ref = -(p * p.log()).sum(-1).mean()
+    acc_ref = (z.argmax(-1) == labels[keep]).double().mean()
+    torch.testing.assert_close(out.metrics["ce"].double(), ce_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.metrics["entropy"].double(), ent_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.metrics["top1_acc"].double(), acc_ref)
+
+
+def test_batched_shape_and_grad_output_scaling():
+    logits, labels = make_batch(24, 50, seed=3)
+    logits, labels = logits.view(4, 6, 50), labels.view(4, 6)
+    x = logits.clone().requires_grad_()
+    out = build_loss("sed_nomask", chunk_size=4)(x, labels)
+    (2.5 * out.loss + out.loss_sum).backward()
+
+    ref_x = logits.double().requires_grad_()
+    ref = reference_mean("sed_nomask", ref_x, labels)
+    n = int((labels != IGNORE).sum())
+    (2.5 * ref + ref * n).backward()
+    assert x.grad.shape == logits.shape
+    torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ce", "sed", "gem"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shifted_logits_view_is_read_in_place(name, dtype):
+    # logits[:, :-1] of [B, T, V] cannot be flattened without a copy: read per sequence.
+    full, labels = make_batch(4 * 9, 40, seed=21)
+    full = full.view(4, 9, 40).to(dtype)
+    labels = labels.view(4, 9)[:, 1:]
+    kw = {"tau": 0.3} if name == "sed" else {}
+    x = full.clone().requires_grad_()
+    out = build_loss(name, chunk_size=5, **kw)(x[:, :-1], labels)
+    out.loss.backward()
+    ref_x = full.double().requires_grad_()
+    ref = reference_mean(name, ref_x[:, :-1].reshape(-1, 40), labels.reshape(-1), **kw)
+    ref.backward()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(out.loss.double(), ref.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=tol, atol=tol * 1e-1)
+    assert torch.all(x.grad[:, -1] == 0)
+
+
+def test_backward_twice_is_refused():
+    logits, labels = make_batch(10, 20)
+    x = logits.requires_grad_()
+    out = build_loss("ce")(x, labels)
+    out.loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        out.loss.backward()
+
+
+@pytest.mark.parametrize(("name", "kw"), CONFIGS, ids=CONFIG_IDS)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fused_path_matches_reference(name, kw, with_bias):
+    n, dim, vocab = 40, 16, 300
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(n, dim, generator=g)
+    weight = torch.randn(vocab, dim, generator=g) / 2
+    bias = torch.randn(vocab, generator=g) if with_bias else None
+    _, labels = make_batch(n, vocab, seed=8)
+    dense = hidden.double() @ weight.double().T + (0 if bias is None else bias.double())
+    kw = knobs_for(name, kw, dense, labels)
+
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    b = bias.clone().requires_grad_() if with_bias else None
+    out = build_loss(name, chunk_size=6, **kw).fused(
+        h.view(5, 8, dim), w, labels.view(5, 8), bias=b
+    )
+    out.loss.backward()
+
+    rh, rw = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    rb = bias.double().requires_grad_() if with_bias else None
+    ref_logits = rh @ rw.T + (0 if rb is None else rb)
+    ref = reference_mean(name, ref_logits, labels, **kw)
+    ref.backward()
+    torch.testing.assert_close(out.loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.grad.double(), rh.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad.double(), rw.grad, rtol=1e-4, atol=1e-5)
+    if with_bias:
+        torch.testing.assert_close(b.grad.double(), rb.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_frozen_head_and_no_grad_eval():
+    n, dim, vocab = 20, 8, 64
+    hidden, weight = torch.randn(n, dim), torch.randn(vocab, dim)
+    _, labels = make_batch(n, vocab, seed=1)
+    loss_fn = build_loss("gem", chunk_size=7)
+    h = hidden.clone().requires_grad_()
+    out = loss_fn.fused(h, weight, labels)
+    out.loss.backward()
+    assert h.grad is not None and weight.grad is None
+    with torch.no_grad():
+        ev = loss_fn.fused(hidden, weight, labels)
+        ev_logits = loss_fn(hidden @ weight.T, labels)
+    assert ev.loss.grad_fn is None
+    torch.testing.assert_close(ev.loss, out.loss.detach())
+    torch.testing.assert_close(ev_logits.loss, ev.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_under_cpu_autocast():
+    hidden, weight = torch.randn(12, 8), torch.randn(40, 8).requires_grad_()
+    _, labels = make_batch(12, 40, seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = build_loss("ce", chunk_size=5).fused(hidden, weight, labels)
+    out.loss.backward()
+    ref = reference_mean("ce", hidden.double() @ weight.detach().double().T, labels)
+    assert weight.grad.dtype == torch.float32
+    torch.testing.assert_close(out.loss.double(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_all_ignored_gives_zero_loss_and_grad(name):
+    kw = {"tau": 0.5} if name == "sed" else {}
+    loss_fn = build_loss(name, **kw)
+    x = torch.randn(3, 5, 17).requires_grad_()
+    labels = torch.full((3, 5), IGNORE)
+    out = loss_fn(x, labels, return_token_stats=True)
+    out.loss.backward()
+    assert out.num_tokens == 0 and out.loss.item() == 0.0 and out.loss_sum.item() == 0.0
+    assert torch.all(x.grad == 0)
+    assert all(torch.isfinite(v) for v in out.metrics.values())
+    assert out.token_stats["entropy"].numel() == 0
+
+    h, w = torch.randn(15, 4).requires_grad_(), torch.randn(17, 4).requires_grad_()
+    fused = loss_fn.fused(h, w, labels.view(-1))
+    fused.loss.backward()
+    assert fused.loss.item() == 0.0 and torch.all(h.grad == 0) and torch.all(w.grad == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["ce", "sed", "gem", "entropy"])
+def test_low_precision_inputs(dtype, name):
+    logits, labels = make_batch(30, 200, seed=5)
+    kw = {"tau": sed_tau_between(logits, labels, 10)} if name == "sed" else {}
+    low = logits.to(dtype).requires_grad_()
+    out = build_loss(name, chunk_size=8, **kw)(low, labels)
+    out.loss.backward()
+    assert low.grad.dtype == dtype
+
+    # Same values upcast: the engine works in float32, so only the grad's rounding differs.
+    hi = low.detach().float().requires_grad_()
+    ref = build_loss(name, chunk_size=8, **kw)(hi, labels)
+    ref.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(low.grad.float(), hi.grad, rtol=1e-2, atol=1e-5)
+
+    h = torch.randn(30, 8).to(dtype).requires_grad_()
+    w = torch.randn(200, 8).to(dtype).requires_grad_()
+    fused = build_loss(name, chunk_size=8, **kw).fused(h, w, labels)
+    fused.loss.backward()
+    assert h.grad.dtype == dtype and w.grad.dtype == dtype
+    assert torch.isfinite(fused.loss)
+
+
+# -- SED ------------------------------------------------------------------------------------
+def test_sed_gradient_is_ce_gradient_times_row_factor():
+    logits, labels = make_batch(40, 120, seed=11)
+    tau = sed_tau_between(logits, labels, 4)
+    x = logits.clone().requires_grad_()
+    out = build_loss("sed", lam=2.0, top_k=4, tau=tau, chunk_size=9)(x, labels)
+    out.loss.backward()
+    keep = labels != IGNORE
+    z, y = logits.double()[keep], labels[keep]
+    p = torch.softmax(z, -1)
+    p_y = p.gather(1, y[:, None]).squeeze(1)
+    mask = (p.topk(4, -1).values.sum(-1) < tau).double()
+    grad = (p - F.one_hot(y, 120).double()) * (1 - 2 * 2.0 * mask * (p_y - 0.5) * p_y)[:, None]
+    torch.testing.assert_close(x.grad.double()[keep], grad / keep.sum(), rtol=1e-4, atol=1e-7)
+    assert 0 < out.metrics["mask_frac"] < 1
+    assert round(out.metrics["mask_frac"].item() * out.num_tokens) == int(mask.sum())
+    reg = (2.0 * mask * (p_y - 0.5) ** 2).mean()
+    torch.testing.assert_close(out.metrics["reg"].double(), reg, rtol=1e-5, atol=1e-6)
+
+
+def test_sed_mask_frac_matches_topk_mass_below_tau():
+    logits, labels = make_batch(64, 500, seed=12)
+    for top_k in (1, 2, 10):
+        tau = sed_tau_between(logits, labels, top_k)
+        out = build_loss("sed", top_k=top_k, tau=tau, chunk_size=10)(logits, labels)
+        frac = (topk_mass(logits, top_k, labels=labels) < tau).double().mean()
+        assert out.metrics["mask_frac"].item() == pytest.approx(frac.item())
+
+
+def run_with_grad(loss_fn, logits, labels):
+    x = logits.clone().requires_grad_()
+    out = loss_fn(x, labels)
+    out.loss.backward()
+    return out, x.grad
+
+
+def test_sed_tau_one_equals_nomask_and_tau_zero_equals_ce():
+    logits, labels = make_batch(50, 300, seed=13)
+    # Peaked rows whose float32 top-k mass rounds to exactly 1.0.
+    logits[-5:, 0] = 200.0
+    assert (topk_mass(logits[-5:], 10) == 1.0).all()
+    sed1, g1 = run_with_grad(build_loss("sed", lam=0.7, tau=1.0, chunk_size=8), logits, labels)
+    nomask, g2 = run_with_grad(build_loss("sed_nomask", lam=0.7, chunk_size=8), logits, labels)
+    assert torch.equal(sed1.loss, nomask.loss) and torch.equal(g1, g2)
+    assert sed1.metrics["mask_frac"].item() == 1.0
+
+    # k >= V: c_k is exactly 1, so nothing is masked even at tau = 1.
+    small = logits[:, :8]
+    big_k, _ = run_with_grad(build_loss("sed", top_k=8, tau=1.0), small, labels.clamp(max=7))
+    assert big_k.metrics["mask_frac"].item() == 0.0
+
+    sed0, g3 = run_with_grad(build_loss("sed", lam=0.7, tau=0.0, chunk_size=8), logits, labels)
+    ce, g4 = run_with_grad(build_loss("ce", chunk_size=8), logits, labels)
+    assert torch.equal(sed0.loss, ce.loss) and torch.equal(g3, g4)
+    assert sed0.metrics["mask_frac"].item() == 0.0 and sed0.metrics["reg"].item() == 0.0
+
+
+def test_sed_calibration_state():
+    loss_fn = build_loss("sed")
+    assert loss_fn.needs_calibration
+    logits, labels = make_batch(8, 20)
+    with pytest.raises(RuntimeError, match="tau is not set"):
+        loss_fn(logits, labels)
+    loss_fn.set_tau(0.25)
+    assert not loss_fn.needs_calibration
+    state = loss_fn.state_dict()
+    assert state["tau"].item() == pytest.approx(0.25)
+    fresh = build_loss("sed")
+    fresh.load_state_dict(state)
+    assert not fresh.needs_calibration and fresh.tau.item() == pytest.approx(0.25)
+    fresh.to(torch.bfloat16)
+    assert fresh.tau.dtype == torch.float32 and fresh.tau.item() == pytest.approx(0.25)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        fresh.set_tau(1.5)
+
+    release = build_loss("sed", top_k=2, calib_top_k=10, calib_positions="all")
+    assert release.calibration_top_k == 10 and release.top_k == 2
+    assert build_loss("sed", top_k=4).calibration_top_k == 4
+    tau = release.calibrate(torch.linspace(0.1, 1.0, 10))
+    assert tau == pytest.approx(0.4) and release.tau.item() == pytest.approx(0.4)
+
+
+def test_token_stats():
+    logits, labels = make_batch(30, 80, seed=14)
+    keep = labels != IGNORE
+    sed = build_loss("sed", top_k=3, tau=0.5, chunk_size=7)
+    out = sed(logits, labels, return_token_stats=True)
+    assert out.token_stats["topk_mass"].shape == (int(keep.sum()),)
+    torch.testing.assert_close(out.token_stats["topk_mass"], topk_mass(logits, 3, labels=labels))
+    p = torch.softmax(logits.double()[keep], -1)
+    torch.testing.assert_close(
+        out.token_stats["entropy"].double(), -(p * p.log()).sum(-1), rtol=1e-5, atol=1e-5
+    )
+    ce = build_loss("ce", stats_top_k=5)(logits, labels, return_token_stats=True)
+    torch.testing.assert_close(ce.token_stats["topk_mass"], topk_mass(logits, 5, labels=labels))
+    assert build_loss("ce")(logits, labels).token_stats is None
+
+
+# -- exact values -----------------------------------------------------------------------------
+def test_dft_uniform_two_classes_is_half_ce():
+    out = build_loss("dft")(torch.zeros(4, 2), torch.tensor([0, 1, 1, 0]))
+    assert out.loss.item() == pytest.approx(math.log(2) / 2)
+    assert out.metrics["ce"].item() == pytest.approx(math.log(2))
+
+
+@pytest.mark.parametrize("vocab", [7, 1000])
+def test_entropy_metric_of_uniform_logits_is_log_v(vocab):
+    out = build_loss("ce")(torch.zeros(3, vocab), torch.tensor([0, 1, 2]))
+    assert out.metrics["entropy"].item() == pytest.approx(math.log(vocab), rel=1e-6)
+    assert out.loss.item() == pytest.approx(math.log(vocab), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("name", "kw"), [("sed", {"tau": 0.6}), ("sed_nomask", {}), ("entropy", {})]
+)
+def test_zero_weight_regulariser_equals_ce(name, kw):
+    logits, labels = make_batch(20, 64, seed=15)
+    out, grad = run_with_grad(build_loss(name, lam=0.0, chunk_size=6, **kw), logits, labels)
+    ce, ce_grad = run_with_grad(build_loss("ce", chunk_size=6), logits, labels)
+    torch.testing.assert_close(out.loss, ce.loss, rtol=0, atol=0)
+    torch.testing.assert_close(grad, ce_grad, rtol=0, atol=0)
+    assert out.metrics["reg"].item() == 0.0
+
+
+# -- construction -------------------------------------------------------------------------------
+def test_bad_names_and_knobs_list_allowed_values():
+    with pytest.raises(ValueError, match=r"unknown loss 'focal'.*'ce'.*'sed'.*'entropy'"):
+        build_loss("focal")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['topk'\].*'top_k'.*'tau'"):
+        build_loss("sed", topk=3)
+    with pytest.raises(ValueError, match=r"\['beta'\].*allowed: \[\]|\['beta'\].*chunk_size"):
+        build_loss("ce", beta=0.5)
+    bad = [
+        ("sed", {"top_k": 0}, "top_k must be an int >= 1"),
+        ("sed", {"tau": 1.5}, r"tau must be a number in \[0, 1\]"),
+        ("sed", {"tau": -0.1}, r"tau must be a number in \[0, 1\]"),
+        ("sed", {"lam": -1.0}, "lam must be a number >= 0"),
+        ("sed", {"cumsum_ratio": 0.0}, r"cumsum_ratio must be in \(0, 1\]"),
+        ("sed", {"calib_positions": "prompt"}, r"one of \['target', 'all'\]"),
+        ("sed", {"calib_top_k": 0}, "calib_top_k must be an int >= 1 or None"),
+        ("gem", {"beta": 0.0}, "beta must be a number > 0"),
+        ("gem", {"h": "tanh"}, r"h must be one of \['linear', 'logsigmoid'\]"),
+        ("entropy", {"lam": -0.5}, "lam must be a number >= 0"),
+        ("ce", {"chunk_size": 0}, "chunk_size must be an int >= 1 or None"),
+    ]
+    for name, kw, message in bad:
+        with pytest.raises(ValueError, match=message):
+            build_loss(name, **kw)
+
+
+def test_losses_are_modules_and_labels_are_checked():
+    for name in LOSS_NAMES:
+        loss_fn = build_loss(name)
+        assert isinstance(loss_fn, torch.nn.Module)
+        loss_fn.state_dict()
+    with pytest.raises(ValueError, match="leading shape"):
+        build_loss("ce")(torch.randn(4, 5, 9), torch.zeros(4, 6, dtype=torch.long))
+    assert isinstance(build_loss("sed", tau=0.3), SEDLoss)
+
+
+# -- engine pieces and calibration ----------------------------------------------------------------
+def test_plan_chunks_uses_views_for_runs_and_covers_everything():
+    labels = torch.full((60,), IGNORE)
+    labels[5:30] = 1  # a long run -> views
+    labels[[33, 35, 37, 40, 42]] = 1  # fragments -> a gather
+    labels[45:60] = 1
+    idx = torch.nonzero(labels != IGNORE).flatten()
+    plan = plan_chunks(idx, rows=8)
+    assert [e - s for s, e, _ in plan] and all(e - s <= 8 for s, e, _ in plan)
+    assert plan[0][0] == 0 and plan[-1][1] == idx.numel()
+    assert all(a[1] == b[0] for a, b in zip(plan, plan[1:], strict=False))
+    for s, e, first in plan:
+        if first is not None:
+            assert torch.equal(idx[s:e], torch.arange(first, first + e - s))
+    assert any(f is None for *_, f in plan) and sum(f is not None for *_, f in plan) >= 4
+
+
+@pytest.mark.parametrize(("vocab", "k"), [(3000, 1), (3000, 10), (1000, 2), (300, 10), (5, 10)])
+def test_blocked_topk_matches_torch_topk(vocab, k):
+    z = torch.randn(17, vocab)
+    z[3] = torch.randint(0, 4, (vocab,)).float()  # heavy ties
+    expected = z.topk(min(k, vocab), -1).values
+    assert torch.equal(topk_logits(z, k), expected)
+
+
+def test_topk_mass_shapes_and_values():
+    logits, labels = make_batch(12, 40, seed=16)
+    mass = topk_mass(logits.view(3, 4, 40), 5)
+    assert mass.shape == (3, 4) and mass.dtype == torch.float32
+    expected = torch.softmax(logits.double(), -1).topk(5, -1).values.sum(-1).view(3, 4)
+    torch.testing.assert_close(mass.double(), expected, rtol=1e-6, atol=1e-6)
+    assert topk_mass(logits, 5, labels=labels).shape == (int((labels != IGNORE).sum()),)
+    with pytest.raises(ValueError, match="k must be an int >= 1"):
+        topk_mass(logits, 0)
+
+
+def test_tau_from_topk_mass():
+    values = torch.tensor([0.9, 0.1, 0.5, 0.3, 0.7, 0.2, 1.0, 0.4, 0.6, 0.8])
+    # 7 of 10 at or above tau -> sorted[3] = 0.4; 0.1, 0.2, 0.3 are masked.
+    assert tau_from_topk_mass(values, 0.7) == pytest.approx(0.4)
+    assert tau_from_topk_mass(values, 1.0) == pytest.approx(0.1)
+    assert tau_from_topk_mass(values, 0.05) == pytest.approx(1.0)
+    rand = torch.rand(1001, generator=torch.Generator().manual_seed(0))
+    for ratio in (0.3, 0.7, 0.9):
+        tau = tau_from_topk_mass(rand, ratio)
+        assert (rand >= tau).double().mean().item() == pytest.approx(ratio, abs=1.5e-3)
+    with pytest.raises(ValueError, match="non-empty"):
+        tau_from_topk_mass(torch.tensor([]), 0.7)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        tau_from_topk_mass(values, 0.0)
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        tau_from_topk_mass(values, 1.5)
+
+
+def test_benchmark_dense_formulas_match_the_losses():
+    # The benchmark's naive baselines must compute the same losses as the engine.
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "losses.py"
+    spec = importlib.util.spec_from_file_location("bench_losses", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    logits, labels = make_batch(30, 300, seed=31)
+    for name, knobs in bench.LOSS_SPECS.values():
+        knobs = dict(knobs)
+        if name == "sed":
+            knobs["tau"] = sed_tau_between(logits, labels, knobs["top_k"])
+        x1, x2 = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        dense = bench.dense_loss(name, knobs, x1, labels)
+        dense.backward()
+        out = build_loss(name, **knobs)(x2, labels)
+        out.loss.backward()
+        torch.testing.assert_close(out.loss, dense, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-4, atol=1e-6)
