@@ -7,10 +7,10 @@ import os
 
 import nbformat
 import pytest
-from conftest import ROOT
 from nbclient import NotebookClient
 from omegaconf import OmegaConf
 
+from conftest import ROOT
 from sedsft.utils.analysis import collect_runs, mean_std, summarize
 
 FIXTURE = ROOT / "tests" / "fixtures" / "toy_multirun"

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import CHATML_GENERATION_TEMPLATE, with_template
 
+from conftest import CHATML_GENERATION_TEMPLATE, with_template
 from sedsft.data.chat import IGNORE_INDEX, TemplateError, tokenize_chat
 
 SINGLE = [

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hydra
 import pytest
-from conftest import ROOT, compose_config
 from omegaconf import OmegaConf
+
+from conftest import ROOT, compose_config
 
 CONFIGS = ROOT / "configs"
 # Groups whose options are composed here; hydra/paths have one option, experiment and

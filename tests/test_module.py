@@ -7,9 +7,9 @@ import functools
 import lightning as L
 import pytest
 import torch
-from conftest import compose_config
 from torch.utils.data import DataLoader
 
+from conftest import compose_config
 from sedsft.losses import build_loss
 from sedsft.models.module import SFTModule
 from sedsft.models.tiny import TinyLMSpec

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from conftest import ROOT
 from sedsft.losses import LOSS_NAMES
 from sedsft.training import train
 

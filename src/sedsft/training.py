@@ -73,6 +73,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("train", True):
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = _scalars(trainer.callback_metrics)
+    metrics.update({f"data/skipped_{k}": float(v) for k, v in datamodule.skip_counts().items()})
     if cfg.get("test", False):
         # After fitting: the best checkpoint when validation chose one, else the weights
         # as they are. Without fitting: the given checkpoint.

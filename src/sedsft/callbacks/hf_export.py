@@ -7,20 +7,27 @@ import logging
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
+
+from sedsft.models.lora import is_peft, save_lora
 
 log = logging.getLogger(__name__)
 MODEL_PREFIX = "model."
 
 
-def save_hf(module, directory: str | Path, state_dict: dict | None = None) -> Path:
+def save_hf(module, directory: str | Path, state_dict: dict | None = None, merge: bool = True) -> Path:
     """``save_pretrained`` of ``module.model`` (weights from ``state_dict`` when given, e.g.
-    a gathered FSDP state) and of ``module.tokenizer`` with its chat template."""
+    a gathered FSDP state) and of ``module.tokenizer`` with its chat template. A LoRA model
+    is written merged into full weights (``merge``) or as the adapter alone."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if state_dict is not None:
         state_dict = {k[len(MODEL_PREFIX):]: v for k, v in state_dict.items() if k.startswith(MODEL_PREFIX)}
-    module.model.save_pretrained(directory, state_dict=state_dict)
+    if is_peft(module.model):
+        save_lora(module.model, directory, state_dict, merge)
+    else:
+        module.model.save_pretrained(directory, state_dict=state_dict)
     if module.tokenizer is not None:
         module.tokenizer.save_pretrained(directory)
     tau = getattr(module.loss_fn, "tau", None)
@@ -34,17 +41,43 @@ class HFExport(L.Callback):
 
     Args:
         dirname: sub-directory of the run directory.
+        merge: with LoRA, write full weights with the adapter merged in (true) or the
+            adapter alone in peft's format (false).
     """
 
-    def __init__(self, output_dir: str, dirname: str = "hf"):
+    def __init__(self, output_dir: str, dirname: str = "hf", merge: bool = True):
         self.directory = Path(output_dir) / dirname
+        self.merge = merge
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Every rank takes part in gathering (sharded strategies), rank 0 writes.
-        state_dict = trainer.strategy.lightning_module_state_dict()
+        state_dict = full_state_dict(trainer)
         self._write(pl_module, state_dict)
 
     @rank_zero_only
     def _write(self, pl_module: L.LightningModule, state_dict: dict) -> None:
-        save_hf(pl_module, self.directory, state_dict)
+        save_hf(pl_module, self.directory, state_dict, merge=self.merge)
         log.info("exported Hugging Face model to %s", self.directory)
+
+
+def full_state_dict(trainer: L.Trainer) -> dict:
+    """The module's full (unsharded) state dict on rank 0; every rank must call it.
+
+    FSDP gathers shards whatever ``state_dict_type`` checkpoints use; ZeRO-3 gathers the
+    partitioned parameters; other strategies hold full weights already.
+    """
+    strategy = trainer.strategy
+    if isinstance(strategy, FSDPStrategy):
+        from lightning.fabric.strategies.fsdp import _get_full_state_dict_context
+
+        with _get_full_state_dict_context(strategy.model, world_size=strategy.world_size):
+            return strategy.model.state_dict()
+    if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
+        import deepspeed
+
+        module = strategy.lightning_module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            if not strategy.is_global_zero:
+                return {}
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return strategy.lightning_module_state_dict()

@@ -63,21 +63,37 @@ class EpochSeededRandomSampler(RandomSampler):
 class ResumableDataLoader(DataLoader):
     """A ``DataLoader`` with ``state_dict`` / ``load_state_dict``: Lightning stores how many
     batches of the current epoch were consumed, and after a restart the loader skips
-    them, so a run resumed mid-epoch sees exactly the batches it had not seen."""
+    them, so a run resumed mid-epoch sees exactly the batches it had not seen.
+
+    The state names its epoch (the sampler's): a checkpoint taken on the last batch of an
+    epoch resumes into the next epoch, where nothing may be skipped. Lightning does not
+    prefetch from a loader with a length, so "consumed" is "handed to the training loop";
+    a checkpoint written in the middle of a step (``ExceptionCheckpoint``) corrects it
+    with ``set_consumed``.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._consumed = 0
-        self._skip = 0
+        self._resume: tuple[int | None, int] = (None, 0)  # (epoch, batches to skip)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"batches_consumed": self._consumed}
+    def _epoch(self) -> int | None:
+        return getattr(self.sampler, "epoch", None)
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._skip = int(state.get("batches_consumed", 0))
+    def state_dict(self) -> dict[str, int | None]:
+        return {"epoch": self._epoch(), "batches_consumed": self._consumed}
+
+    def load_state_dict(self, state: dict[str, int | None]) -> None:
+        self._resume = (state.get("epoch"), int(state.get("batches_consumed") or 0))
+
+    def set_consumed(self, batches: int) -> None:
+        """Overwrite the count, for a checkpoint written while a batch was in flight."""
+        self._consumed = batches
 
     def __iter__(self) -> Iterator[Any]:
-        skip, self._skip = self._skip, 0
+        (epoch, skip), self._resume = self._resume, (None, 0)
+        if epoch is not None and epoch != self._epoch():
+            skip = 0  # saved at the end of an earlier epoch: this one starts afresh
         iterator = super().__iter__()
         for _ in range(skip):  # collating skipped batches is cheap next to a training step
             next(iterator, None)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,20 +16,20 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from sedsft.data.chat import tokenize_chat
 from sedsft.data.collate import EpochSeededRandomSampler, ResumableDataLoader, SFTCollator
-from sedsft.data.formats import DataError, gold_answer, to_messages, to_prompt
+from sedsft.data.formats import ROW_FIELD, DataError, gold_answer, to_messages, to_prompt
+from sedsft.data.packing import PackingCollator
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1  # bump when tokenisation changes, to invalidate cached data sets
+CACHE_VERSION = 2  # bump when tokenisation changes, to invalidate cached data sets
 
 
 @dataclass
 class PreparedSplit:
     """A tokenised split and what was left out of it."""
 
-    dataset: datasets.Dataset  # columns: input_ids, labels, num_targets, row
+    dataset: datasets.Dataset  # columns: input_ids, labels, num_targets, row (in the source), index (in raw)
     raw: datasets.Dataset  # the source rows, for prompts and gold answers
-    skipped: Counter = field(default_factory=Counter)  # reason -> count
-    examples: list[str] = field(default_factory=list)  # first offenders, for the error message
+    problems: list[str] = field(default_factory=list)  # why each skipped row was skipped
 
 
 def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -58,6 +57,10 @@ class SFTDataModule(L.LightningDataModule):
             train after truncation) before the run stops with the list of offenders.
         cache_dir: tokenised splits are saved here and reused by later runs (None: no cache).
         num_proc: processes for tokenisation (None: in-process).
+        packing: training micro-batches become one row without padding, examples kept
+            apart by restarting ``position_ids`` (``sedsft.data.packing``); evaluation and
+            calibration batches stay padded.
+        path: unused here: ``data=local`` sets ``data.path`` once for its sources to read.
     """
 
     def __init__(
@@ -75,6 +78,8 @@ class SFTDataModule(L.LightningDataModule):
         max_skip_frac: float = 0.01,
         cache_dir: str | None = None,
         num_proc: int | None = None,
+        packing: bool = False,
+        path: str | None = None,
     ):
         super().__init__()
         if max_length < 2:
@@ -95,13 +100,22 @@ class SFTDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.num_proc = num_proc
         self.collator = SFTCollator(tokenizer.pad_token_id)
+        self.train_collator = PackingCollator() if packing else self.collator
         self.splits: dict[str, PreparedSplit] = {}
 
     # ---------------------------------------------------------------- preparation
+    @staticmethod
+    def _load(source: Any) -> datasets.Dataset:
+        """The source's rows, numbered as in the source (messages name that number even
+        after the rows are shuffled into train and val)."""
+        ds = source.load()
+        offset = (getattr(source, "rows", None) or [0])[0]
+        return ds.add_column(ROW_FIELD, list(range(offset, offset + len(ds))))
+
     def _raw_splits(self) -> dict[str, tuple[str, datasets.Dataset]]:
-        train = self.train_source.load()
+        train = self._load(self.train_source)
         if self.val_source is not None:
-            return {"train": (self.train_source.name, train), "val": (self.val_source.name, self.val_source.load())}
+            return {"train": (self.train_source.name, train), "val": (self.val_source.name, self._load(self.val_source))}
         if not self.val_size:
             return {"train": (self.train_source.name, train)}
         parts = train.train_test_split(test_size=self.val_size, seed=self.seed, shuffle=True)
@@ -124,16 +138,19 @@ class SFTDataModule(L.LightningDataModule):
         return Path(self.cache_dir) / "tokenized" / f"{digest}-{split}"
 
     def _tokenize_row(self, row: dict, index: int, source: str) -> dict:
+        number = row[ROW_FIELD]
+        out = {"input_ids": [], "labels": [], "num_targets": 0, "row": number, "index": index, "skip": ""}
         try:
-            messages = to_messages(row, source, index, self.system_prompt)
+            messages = to_messages(row, source, number, self.system_prompt)
             chat = tokenize_chat(self.tokenizer, messages, self.max_length)
         except DataError as err:
-            return {"input_ids": [], "labels": [], "num_targets": 0, "row": index, "skip": str(err)}
-        problem = "" if chat.num_targets else (
-            f"{source}: row {index}: no assistant token left after truncation to "
-            f"max_length={self.max_length} (prompt too long)"
-        )
-        return {"input_ids": chat.input_ids, "labels": chat.labels, "num_targets": chat.num_targets, "row": index, "skip": problem}
+            return {**out, "skip": str(err)}
+        if not chat.num_targets:
+            return {**out, "skip": str(DataError(
+                source, number, None,
+                f"no assistant token left after truncation to data.max_length={self.max_length} (prompt too long)",
+            ))}
+        return {**out, "input_ids": chat.input_ids, "labels": chat.labels, "num_targets": chat.num_targets}
 
     def _prepare(self, split: str, source: str, raw: datasets.Dataset) -> PreparedSplit:
         cache = self._cache_path(split)
@@ -153,25 +170,22 @@ class SFTDataModule(L.LightningDataModule):
             if cache is not None:
                 tokenized.save_to_disk(str(cache))
         problems = [p for p in tokenized["skip"] if p]
-        prepared = PreparedSplit(
-            dataset=tokenized.filter(lambda s: not s, input_columns="skip").remove_columns("skip"),
-            raw=raw,
-            skipped=Counter(p.split(": ", 2)[-1].split(":")[0] for p in problems),
-            examples=problems[:5],
-        )
         self._check_skips(split, source, len(raw), problems)
-        return prepared
+        kept = tokenized.filter(lambda s: not s, input_columns="skip") if problems else tokenized
+        return PreparedSplit(dataset=kept.remove_columns("skip"), raw=raw, problems=problems)
 
     def _check_skips(self, split: str, source: str, total: int, problems: list[str]) -> None:
+        """Log the skipped rows; stop when the split is empty or too much of it was skipped."""
+        first = "; first problems:\n  " + "\n  ".join(problems[:10])
         if problems:
-            log.warning("%s (%s): skipped %d of %d rows; first: %s", split, source, len(problems), total, problems[0])
+            log.warning("%s (%s): skipped %d of %d rows%s", split, source, len(problems), total, first)
         if len(problems) == total:
-            raise DataError(source, None, None, f"{split} split is empty after filtering ({total} rows, all skipped); first problems:\n  " + "\n  ".join(problems[:5]))
+            raise DataError(source, None, None, f"the {split} split is empty after filtering ({total} rows, all skipped)" + first)
         if len(problems) > self.max_skip_frac * total:
             raise DataError(
                 source, None, None,
                 f"{len(problems)} of {total} {split} rows ({len(problems) / total:.1%}) cannot be used, more than "
-                f"data.max_skip_frac={self.max_skip_frac}; first problems:\n  " + "\n  ".join(problems[:10]),
+                f"data.max_skip_frac={self.max_skip_frac} (fix the rows, or raise data.max_skip_frac to skip them)" + first,
             )
 
     def setup(self, stage: str | None = None) -> None:
@@ -184,7 +198,7 @@ class SFTDataModule(L.LightningDataModule):
 
     def skip_counts(self) -> dict[str, int]:
         """Rows left out per split (logged by the training script)."""
-        return {split: sum(p.skipped.values()) for split, p in self.splits.items()}
+        return {split: len(p.problems) for split, p in self.splits.items()}
 
     # ---------------------------------------------------------------- loaders
     def _torch_view(self, split: str) -> datasets.Dataset:
@@ -196,7 +210,7 @@ class SFTDataModule(L.LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             sampler=EpochSeededRandomSampler(dataset, seed=self.seed),
-            collate_fn=self.collator,
+            collate_fn=self.train_collator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             drop_last=False,
@@ -221,6 +235,5 @@ class SFTDataModule(L.LightningDataModule):
     def prompts(self, split: str = "val", limit: int | None = None) -> list[tuple[list[dict], str | None]]:
         """``(prompt messages, gold answer)`` for held-out rows, for generation-time metrics."""
         prepared = self.splits[split]
-        rows = prepared.dataset["row"][: limit if limit is not None else None]
-        raw = prepared.raw.select(rows)
-        return [(to_prompt(r, split, i, self.system_prompt), gold_answer(r)) for i, r in zip(rows, raw, strict=True)]
+        raw = prepared.raw.select(prepared.dataset["index"][: limit if limit is not None else None])
+        return [(to_prompt(r, split, r[ROW_FIELD], self.system_prompt), gold_answer(r)) for r in raw]

@@ -21,6 +21,11 @@ from typing import Any
 PAPER_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 ROLES = ("system", "user", "assistant")
 Message = dict[str, str]
+# Columns the loaders add: a row's number in its source, and the problem of a row that
+# could not be stored as it was (a type clash in a JSON file); not part of any format.
+ROW_FIELD = "_row"
+PROBLEM_FIELD = "_problem"
+INTERNAL_FIELDS = (ROW_FIELD, PROBLEM_FIELD)
 
 
 class DataError(ValueError):
@@ -32,6 +37,25 @@ class DataError(ValueError):
             where += f": field {field!r}"
         super().__init__(f"{where}: {problem}")
         self.source, self.row, self.field, self.problem = source, row, field, problem
+
+
+def row_problem(row: Mapping[str, Any], source: str, index: int) -> str | None:
+    """Why ``row`` is neither a training conversation nor a prompt (None if it is one)."""
+    try:
+        to_messages(row, source, index)
+        return None
+    except DataError as err:
+        problem = err.problem if err.field is None else f"field {err.field!r}: {err.problem}"
+    try:
+        to_prompt(row, source, index)
+        return None
+    except DataError:
+        return problem
+
+
+def _check_recorded_problem(row: Mapping[str, Any], source: str, index: int) -> None:
+    if row.get(PROBLEM_FIELD):
+        raise DataError(source, index, None, row[PROBLEM_FIELD])
 
 
 def _is_blank(value: Any) -> bool:
@@ -78,6 +102,7 @@ def to_messages(
 
     ``system_prompt`` is prepended when the conversation has no system message.
     """
+    _check_recorded_problem(row, source, index)
     if row.get("messages") is not None:
         messages = check_messages(row["messages"], source, index)
     elif row.get("prompt") is not None and "completion" in row:
@@ -88,7 +113,7 @@ def to_messages(
         messages = _as_turns(row["question"], "user", source, index, "question")
         messages += _as_turns(row.get(field), "assistant", source, index, field)
     else:
-        present = sorted(k for k, v in row.items() if v is not None)
+        present = sorted(k for k, v in row.items() if v is not None and k not in INTERNAL_FIELDS)
         raise DataError(
             source,
             index,
@@ -110,6 +135,7 @@ def to_prompt(
 
     Accepts prompt-only rows too (verl RL parquet: ``prompt`` is a list of messages).
     """
+    _check_recorded_problem(row, source, index)
     if row.get("prompt") is not None and row.get("completion") is None:
         messages = _as_turns(row["prompt"], "user", source, index, "prompt")
     elif row.get("question") is not None and row.get("response") is None and row.get("answer") is None:

@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import datasets
+import pyarrow as pa
 
 from sedsft.data import toy_math
-from sedsft.data.formats import DataError
+from sedsft.data.formats import PROBLEM_FIELD, DataError, row_problem
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -119,9 +120,55 @@ def _load_json(path: Path) -> datasets.Dataset:
             raise DataError(str(path), i, None, f"expected a JSON object per row, got {type(row).__name__}")
     if not rows:
         raise DataError(str(path), None, None, "contains no rows")
-    # Row dicts go through pandas-free construction: heterogeneous nested columns
-    # (messages of varying keys) would make arrow's schema inference fail on mixed rows.
-    return datasets.Dataset.from_list(rows)
+    try:
+        return _table(rows)
+    except pa.ArrowException:
+        pass
+    # Arrow needs one type per column, so a row whose value has another type (content 3
+    # among strings, messages as a string) fails the whole file. Such rows are kept as
+    # placeholders that carry their problem, so the data module counts them as skipped
+    # (data.max_skip_frac) and every other row keeps its number.
+    for i, row in enumerate(rows):
+        problem = row_problem(row, str(path), i)
+        if problem is not None:
+            rows[i] = {PROBLEM_FIELD: problem}
+    try:
+        return _table(rows)
+    except pa.ArrowException:
+        raise _type_conflict(path, rows) from None
+
+
+def _table(rows: list[dict]) -> datasets.Dataset:
+    # Columns are the union of all rows' keys (``from_list`` would keep only the first row's).
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return datasets.Dataset.from_dict({key: [row.get(key) for row in rows] for key in columns})
+
+
+def _type_conflict(path: Path, rows: list[dict]) -> DataError:
+    """The first row whose value of some column has a type arrow cannot unify with the rows
+    before it (found by bisecting on the column's prefix)."""
+    for key in dict.fromkeys(key for row in rows for key in row):
+        values = [row.get(key) for row in rows]
+        try:
+            pa.array(values)
+            continue
+        except pa.ArrowException as err:
+            reason = str(err)
+        lo, hi = 1, len(values)  # the prefix of length hi fails; find the shortest one
+        while lo < hi:
+            mid = (lo + hi) // 2
+            try:
+                pa.array(values[:mid])
+                lo = mid + 1
+            except pa.ArrowException:
+                hi = mid
+        row = hi - 1
+        return DataError(
+            str(path), row, key,
+            f"a {type(values[row]).__name__} value whose type conflicts with earlier rows, so the "
+            f"file cannot be read as a table ({reason}); make the column's type consistent",
+        )
+    return DataError(str(path), None, None, "rows have inconsistent types and cannot be read as a table")
 
 
 @dataclass

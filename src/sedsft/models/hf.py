@@ -16,6 +16,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from sedsft.models.lora import apply_lora, lora_settings
+from sedsft.models.lora import load_kwargs as lora_load_kwargs
+from sedsft.models.scaling import compile_decoder_layers
+
 log = logging.getLogger(__name__)
 
 DTYPES = {
@@ -50,6 +54,8 @@ class CausalLMSpec:
         revision: hub revision (branch, tag or commit) for reproducible loads.
         trust_remote_code: allow model code from the hub repository.
         model_kwargs: extra keyword arguments for ``from_pretrained``.
+        lora: LoRA / QLoRA settings (``sedsft.models.lora.LoraSettings``); None or ``r: 0`` = off.
+        compile: ``torch.compile`` each decoder layer: false, true, or a dict of compile arguments.
     """
 
     name_or_path: str
@@ -60,9 +66,12 @@ class CausalLMSpec:
     revision: str | None = None
     trust_remote_code: bool = False
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    lora: dict[str, Any] | None = None
+    compile: bool | dict[str, Any] = False
 
     def __post_init__(self) -> None:
         resolve_dtype(self.dtype)  # fail at config time, not after the data is tokenised
+        lora_settings(self.lora)
 
     def resolved_path(self) -> str:
         """Where ``from_pretrained`` loads from (subclasses may build it first)."""
@@ -85,16 +94,21 @@ class CausalLMSpec:
         return tokenizer
 
     def load_model(self) -> PreTrainedModel:
+        lora = lora_settings(self.lora)
         model = AutoModelForCausalLM.from_pretrained(
             self.resolved_path(),
             revision=self.revision,
             dtype=resolve_dtype(self.dtype),
             attn_implementation=self.attn_implementation,
             trust_remote_code=self.trust_remote_code,
+            **lora_load_kwargs(lora, resolve_dtype(self.dtype)),
             **self.model_kwargs,
         )
         if self.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
+        if lora is not None:
+            model = apply_lora(model, lora, self.gradient_checkpointing)
+        compile_decoder_layers(model, self.compile)
         log.info("loaded %s (%.1fM parameters)", self.name_or_path, model.num_parameters() / 1e6)
         return model

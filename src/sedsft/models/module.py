@@ -62,7 +62,7 @@ class SFTModule(L.LightningModule):
     ):
         super().__init__()
         if str(fused_loss).lower() not in {"auto", "true", "false"}:
-            raise ValueError(f"model.fused_loss={fused_loss!r}; allowed: auto, true, false")
+            raise ValueError(f"module.fused_loss={fused_loss!r}; allowed: auto, true, false")
         self.lm_spec = lm
         self.loss_fn = loss
         self.optimizer_factory = optimizer
@@ -88,6 +88,20 @@ class SFTModule(L.LightningModule):
             # from_pretrained returns the model in eval mode (dropout off); Lightning keeps
             # whatever mode it finds, so switch to training mode here.
             self.model = self.lm_spec.load_model().train()
+            self._check_config_against_model()
+
+    def _check_config_against_model(self) -> None:
+        """Start-up checks that need the model, so that they fail before the first step."""
+        head = self.model.get_output_embeddings()
+        vocab = getattr(head, "out_features", None) or getattr(self.model.config, "vocab_size", None)
+        knobs = {name: getattr(self.loss_fn, name, None) for name in ("top_k", "calib_top_k")}
+        for name, k in knobs.items():
+            if vocab is not None and isinstance(k, int) and k > vocab:
+                raise ValueError(
+                    f"loss.{name}={k} is larger than the vocabulary of {self.lm_spec.name_or_path} "
+                    f"({vocab} tokens); allowed: 1 to {vocab}"
+                )
+        self.use_fused()  # raises when module.fused_loss=true cannot be honoured
 
     def fused_path_available(self) -> tuple[bool, str]:
         """Whether hidden states + LM head can replace full logits, and why not."""
@@ -109,7 +123,7 @@ class SFTModule(L.LightningModule):
             return False
         available, why = self.fused_path_available()
         if self.fused_loss == "true" and not available:
-            raise ValueError(f"model.fused_loss=true but {why}; set model.fused_loss=auto or false")
+            raise ValueError(f"module.fused_loss=true but {why}; allowed here: module.fused_loss=auto or false")
         return available
 
     def model_step(self, batch: dict[str, torch.Tensor], token_stats: bool = False):
@@ -118,17 +132,16 @@ class SFTModule(L.LightningModule):
         Labels are shifted here, once: position ``t`` predicts token ``t + 1``.
         """
         labels = batch["labels"][:, 1:]
+        # Packed rows (data.packing) carry position_ids and no attention mask: the model then
+        # keeps attention inside each example, but only without a KV cache, hence use_cache.
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         if self.use_fused():
-            hidden = self.model.get_decoder()(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).last_hidden_state[:, :-1]
+            hidden = self.model.get_decoder()(**inputs, use_cache=False).last_hidden_state[:, :-1]
             head = self.model.get_output_embeddings()
             return self.loss_fn.fused(
                 hidden, head.weight, labels, bias=head.bias, return_token_stats=token_stats
             )
-        logits = self.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        ).logits[:, :-1]
+        logits = self.model(**inputs, use_cache=False).logits[:, :-1]
         return self.loss_fn(logits, labels, return_token_stats=token_stats)
 
     # ------------------------------------------------------------------ logging
@@ -234,7 +247,9 @@ class SFTModule(L.LightningModule):
 
     # ------------------------------------------------------------------ tau calibration
     def on_fit_start(self) -> None:
-        if getattr(self.loss_fn, "needs_calibration", False):
+        # A resumed run takes tau from its checkpoint; strategies that restore after this
+        # hook (DeepSpeed) have not loaded it yet, so the checkpoint path decides.
+        if getattr(self.loss_fn, "needs_calibration", False) and not self.trainer.ckpt_path:
             from sedsft.models.calibration import calibrate_tau
 
             tau, mask_rate = calibrate_tau(self, self.trainer.datamodule)
@@ -245,6 +260,16 @@ class SFTModule(L.LightningModule):
                 logger.log_metrics(values, step=self.global_step)
             self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
             log.info("calibrated tau=%.4f (mask rate %.3f on calibration positions)", tau, mask_rate)
+
+    # ------------------------------------------------------------------ resuming
+    def on_train_start(self) -> None:
+        # The schedule's estimated_stepping_batches makes Lightning build the train loader
+        # before a resumed run's loop state is restored, and the loader's saved position is
+        # then never handed to it (Lightning issue #20550): the run would restart the epoch.
+        # Hand it over here, before the first batch is drawn.
+        fit_loop = self.trainer.fit_loop
+        if getattr(fit_loop, "_combined_loader_states_to_load", None):
+            fit_loop._load_combined_loader_states()
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> dict[str, Any]:
@@ -267,5 +292,9 @@ class SFTModule(L.LightningModule):
         checkpoint["sedsft"] = {
             "config": self.run_config,
             "chat_template": getattr(self.tokenizer, "chat_template", None),
+            "nonfinite_skips": self.nonfinite_skips,
         }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite_skips = checkpoint.get("sedsft", {}).get("nonfinite_skips", 0)
 

@@ -1,0 +1,187 @@
+"""Scaling a Hugging Face model up: Lightning's FSDP / DeepSpeed strategies configured from
+YAML, and per-layer ``torch.compile``.
+
+What a YAML file cannot say directly is a Python class. FSDP wraps (and checkpoints) the
+model one decoder layer at a time, so its policy here names the layer class by *name*
+(``LlamaDecoderLayer``, ``Qwen2DecoderLayer``), or ``auto``: the classes a Hugging Face
+model lists in ``_no_split_modules``. Names are resolved when FSDP wraps the built model,
+so one config serves every architecture and nothing is imported by hand.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from lightning.pytorch.plugins.precision import FSDPPrecision
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from torch import nn
+from torch.distributed.fsdp.wrap import _Policy
+from transformers import PreTrainedModel
+
+log = logging.getLogger(__name__)
+
+
+def decoder_layer_names(root: nn.Module) -> set[str]:
+    """Class names of the decoder layers of every Hugging Face model inside ``root``
+    (``_no_split_modules``: the blocks that must not be split across devices)."""
+    names: set[str] = set()
+    for module in root.modules():
+        if isinstance(module, PreTrainedModel):
+            names.update(module._no_split_modules or [])
+    return names
+
+
+def decoder_layers(root: nn.Module, layer_cls: str | Sequence[str] = "auto") -> list[nn.Module]:
+    """Modules of ``root`` whose class name is in ``layer_cls`` (``auto``: see above)."""
+    names = decoder_layer_names(root) if layer_cls == "auto" else {layer_cls} if isinstance(layer_cls, str) else set(layer_cls)
+    return [m for m in root.modules() if type(m).__name__ in names]
+
+
+class DecoderLayerPolicy(_Policy):
+    """FSDP wrap / activation-checkpointing policy: every module whose class *name* is in
+    ``layer_cls`` (``"auto"``: the model's ``_no_split_modules``) becomes a unit.
+
+    Args:
+        layer_cls: ``auto`` or class names, e.g. ``[LlamaDecoderLayer, Qwen2DecoderLayer]``.
+        skip_if_checkpointed: for activation checkpointing: leave the layers alone when the
+            model already recomputes them (``model.gradient_checkpointing=true``), so no
+            layer is recomputed twice.
+    """
+
+    def __init__(self, layer_cls: str | Sequence[str] = "auto", skip_if_checkpointed: bool = False):
+        self.layer_cls = layer_cls if isinstance(layer_cls, str) else list(layer_cls)
+        self.skip_if_checkpointed = skip_if_checkpointed
+
+    def _run_policy(
+        self, root_module: nn.Module, ignored_modules: set[nn.Module], root_kwargs: dict[str, Any]
+    ) -> dict[nn.Module, dict[str, Any]]:
+        if self.skip_if_checkpointed and any(
+            getattr(m, "gradient_checkpointing", False) for m in root_module.modules()
+        ):
+            log.info("decoder layers are already checkpointed by the model; FSDP adds no second checkpoint")
+            return {}
+        layers = [m for m in decoder_layers(root_module, self.layer_cls) if m not in ignored_modules]
+        if not layers:
+            raise ValueError(
+                f"FSDP layer_cls={self.layer_cls!r} matches no module of the model (its decoder "
+                f"layers are {sorted(decoder_layer_names(root_module)) or 'unknown'}); set "
+                "trainer.strategy.layer_cls to the decoder layer class name, e.g. [LlamaDecoderLayer]"
+            )
+        return {m: copy.copy(root_kwargs) for m in layers}
+
+
+class _NormClippingFSDPPrecision(FSDPPrecision):
+    """``FSDPPrecision`` whose ``clip_grad_by_norm`` works: the global norm of sharded
+    gradients needs the root FSDP module (``FullyShardedDataParallel.clip_grad_norm_``),
+    which Lightning's own plugin has no reference to (it raises instead)."""
+
+    def __init__(self, precision: Any, strategy: FSDPStrategy):
+        super().__init__(precision)
+        self.strategy = strategy
+
+    def clip_grad_by_norm(self, optimizer: Any, clip_val: float) -> None:
+        self.strategy.model.clip_grad_norm_(clip_val)
+
+
+class ClippingFSDPStrategy(FSDPStrategy):
+    """Lightning's ``FSDPStrategy`` with ``trainer.gradient_clip_val`` (clip by norm) supported."""
+
+    @property
+    def precision_plugin(self) -> FSDPPrecision:
+        return FSDPStrategy.precision_plugin.fget(self)
+
+    @precision_plugin.setter
+    def precision_plugin(self, plugin: FSDPPrecision | None) -> None:
+        if plugin is not None and type(plugin) is FSDPPrecision:
+            plugin = _NormClippingFSDPPrecision(plugin.precision, self)
+        FSDPStrategy.precision_plugin.fset(self, plugin)
+
+
+def fsdp_strategy(
+    layer_cls: str | Sequence[str] = "auto",
+    activation_checkpointing: bool = True,
+    sharding_strategy: str = "FULL_SHARD",
+    state_dict_type: str = "sharded",
+    cpu_offload: bool = False,
+    **kwargs: Any,
+) -> FSDPStrategy:
+    """Lightning's ``FSDPStrategy`` sharding the model decoder layer by decoder layer (with
+    gradient clipping by norm, see ``ClippingFSDPStrategy``).
+
+    Args:
+        layer_cls: decoder layer class names (or ``auto``): FSDP units and checkpoint units.
+        activation_checkpointing: recompute each decoder layer in backward (skipped for a
+            model that already does it through ``model.gradient_checkpointing``).
+        sharding_strategy: ``FULL_SHARD`` (ZeRO-3 like), ``SHARD_GRAD_OP`` (ZeRO-2 like),
+            ``HYBRID_SHARD`` (shard inside a node, replicate across nodes), ``NO_SHARD``.
+        state_dict_type: ``sharded`` (a checkpoint directory, one file per rank; fast) or
+            ``full`` (one file gathered on rank 0).
+        cpu_offload: keep parameters and gradients in CPU memory between uses.
+        kwargs: other ``FSDPStrategy`` / ``FullyShardedDataParallel`` arguments.
+    """
+    return ClippingFSDPStrategy(
+        auto_wrap_policy=DecoderLayerPolicy(layer_cls),
+        activation_checkpointing_policy=(
+            DecoderLayerPolicy(layer_cls, skip_if_checkpointed=True) if activation_checkpointing else None
+        ),
+        sharding_strategy=sharding_strategy,
+        state_dict_type=state_dict_type,
+        cpu_offload=cpu_offload,
+        **kwargs,
+    )
+
+
+DEEPSPEED_MISSING = (
+    "trainer={name} needs DeepSpeed, an optional extra that is not installed: "
+    "pip install 'sedsft[deepspeed]' (needs CUDA and a compiler), or train with trainer=fsdp"
+)
+
+
+class HFDeepSpeedStrategy(DeepSpeedStrategy):
+    """Lightning's ``DeepSpeedStrategy``; under ZeRO-3 the Hugging Face weights are loaded
+    straight into partitions: ``from_pretrained`` sees the DeepSpeed config (through
+    ``HfDeepSpeedConfig``) and gathers one parameter at a time, instead of loading into the
+    empty shards that Lightning's own ``zero.Init`` context would give it."""
+
+    @contextmanager
+    def model_sharded_context(self) -> Iterator[None]:
+        if not self.zero_stage_3:
+            with super().model_sharded_context():
+                yield
+            return
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self._init_config_if_needed()
+        # transformers keeps only a weak reference: hold the object for the strategy's life.
+        self._hf_deepspeed_config = HfDeepSpeedConfig(self.config)
+        yield
+
+
+def deepspeed_strategy(stage: int = 2, **kwargs: Any) -> DeepSpeedStrategy:
+    """``HFDeepSpeedStrategy(stage=..., **kwargs)``, or an install hint without DeepSpeed."""
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ImportError(DEEPSPEED_MISSING.format(name=f"deepspeed_zero{stage}"))
+    return HFDeepSpeedStrategy(stage=stage, **kwargs)
+
+
+def compile_decoder_layers(model: nn.Module, options: bool | dict | None) -> nn.Module:
+    """``torch.compile`` each decoder layer in place (``nn.Module.compile``).
+
+    Per layer rather than the whole model: parameter names, ``save_pretrained``, the fused
+    loss path (which calls the decoder directly), FSDP units and checkpoint wrappers all
+    keep working, and the compiled graph is one small layer, reused by every layer.
+    ``options``: ``true`` or a dict of ``torch.compile`` arguments (e.g. ``{mode: max-autotune}``).
+    """
+    if not options:
+        return model
+    kwargs = dict(options) if isinstance(options, dict) else {}
+    layers = decoder_layers(model)
+    for layer in layers or [model]:
+        layer.compile(**kwargs)
+    log.info("torch.compile on %d %s module(s)", len(layers) or 1, type((layers or [model])[0]).__name__)
+    return model

@@ -1,0 +1,201 @@
+"""Resume and reproducibility.
+
+A run interrupted at step k and resumed from ``last.ckpt`` ends exactly like the run that
+was never interrupted: same batches in the same order (mid-epoch and across the epoch
+boundary), same losses, weights, optimiser, schedule and SED ``tau`` (restored, not
+recalibrated). Both runs are configured with the same ``max_steps`` so that their
+schedules agree; the interruption is an exception raised inside step k + 1.
+Ctrl-C on ``python src/train.py`` writes ``checkpoints/on_exception.ckpt``, which resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, compose_config
+from sedsft.models import calibration
+from sedsft.models.module import SFTModule
+from sedsft.training import train
+
+N_TRAIN, BATCH, MAX_STEPS = 32, 8, 6  # 4 batches per epoch: the runs cross an epoch boundary
+RUN = [
+    "loss=sed",
+    f"data.train.n={N_TRAIN}",
+    "data.val.n=8",
+    f"data.batch_size={BATCH}",
+    f"trainer.max_steps={MAX_STEPS}",
+    "trainer.max_epochs=3",
+    "trainer.deterministic=true",
+    "+trainer.limit_val_batches=0",
+    "data.num_workers=0",
+    "loss.calib_num_examples=8",
+    "~callbacks.generation_eval",
+    "~callbacks.hf_export",
+    "~callbacks.lr_monitor",
+    "callbacks.model_checkpoint.monitor=null",
+    "callbacks.model_checkpoint.every_n_train_steps=1",
+    "logger=[]",
+]
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture
+def trace(monkeypatch):
+    """Per training step: (global step, data rows, loss); raises inside step ``stop_at + 1``;
+    counts tau calibrations."""
+    record = {"steps": [], "stop_at": None, "calibrations": 0}
+    step = SFTModule.training_step
+    calibrate = calibration.calibrate_tau
+
+    def spy_step(self, batch, batch_idx):
+        if self.global_step == record["stop_at"]:
+            raise Interrupted(f"stopped before step {self.global_step + 1}")
+        loss = step(self, batch, batch_idx)
+        record["steps"].append((self.global_step, batch["rows"].tolist(), loss.item()))
+        return loss
+
+    def spy_calibrate(*args, **kwargs):
+        record["calibrations"] += 1
+        return calibrate(*args, **kwargs)
+
+    monkeypatch.setattr(SFTModule, "training_step", spy_step)
+    monkeypatch.setattr(calibration, "calibrate_tau", spy_calibrate)
+    return record
+
+
+def checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def expected_rows(seed: int, steps: int, start: int = 0) -> list[list[int]]:
+    """The rows of steps ``start + 1 .. steps`` by the sampler's definition: the shuffle of
+    epoch e is ``randperm(N_TRAIN)`` seeded with ``seed + e`` (toy rows are numbered 0..N-1)."""
+    out = []
+    for epoch in range(steps * BATCH // N_TRAIN + 1):
+        order = torch.randperm(N_TRAIN, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        out += [order[i : i + BATCH] for i in range(0, N_TRAIN, BATCH)]
+    return out[start:steps]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, cache_dir):
+    """The reference run to MAX_STEPS, traced."""
+    record = {"steps": [], "calibrations": 0}
+    out = tmp_path_factory.mktemp("full")
+    with pytest.MonkeyPatch.context() as patch:
+        step = SFTModule.training_step
+
+        def spy_step(self, batch, batch_idx):
+            loss = step(self, batch, batch_idx)
+            record["steps"].append((self.global_step, batch["rows"].tolist(), loss.item()))
+            return loss
+
+        patch.setattr(SFTModule, "training_step", spy_step)
+        record["metrics"] = train(compose_config(out, cache_dir, *RUN))
+    record["last"] = checkpoint(out / "checkpoints" / "last.ckpt")
+    return record
+
+
+@pytest.mark.parametrize("k", [2, 4])  # mid-epoch; at the end of epoch 0
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, cache_dir, trace, uninterrupted, k):
+    full = uninterrupted["steps"]
+    assert [rows for _, rows, _ in full] == expected_rows(42, MAX_STEPS)
+
+    trace["stop_at"] = k
+    with pytest.raises(Interrupted):
+        train(compose_config(tmp_path, cache_dir, *RUN))
+    first = trace["steps"]
+    # same config and seed, trained from scratch again: the same numbers, to the bit
+    assert first == full[:k]
+    assert trace["calibrations"] == 1
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert checkpoint(last)["global_step"] == k
+
+    trace.update(steps=[], stop_at=None, calibrations=0)
+    resumed = compose_config(tmp_path / "resumed", cache_dir, *RUN, f"ckpt_path={last}")
+    metrics = train(resumed)
+    assert trace["calibrations"] == 0  # tau comes from the checkpoint
+    assert trace["steps"] == full[k:]  # exactly the unseen batches, same losses
+    assert metrics["train/loss"] == uninterrupted["metrics"]["train/loss"]
+
+    a, b = uninterrupted["last"], checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == MAX_STEPS
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for name, tensor in a["state_dict"].items():  # weights and tau
+        assert torch.equal(tensor, b["state_dict"][name]), name
+    assert b["state_dict"]["loss_fn.tau"] == checkpoint(last)["state_dict"]["loss_fn.tau"]
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values(), strict=True):
+        assert all(torch.equal(sa[key], sb[key]) for key in sa)
+    assert b["sedsft"]["config"]["seed"] == 42
+
+
+class RowLog(L.Callback):
+    """Appends ``{"step", "rows"}`` of every completed step to a JSON-lines file; with
+    ``pause`` it sleeps before each step from step ``pause_after`` on (a window for Ctrl-C)."""
+
+    def __init__(self, path: str, pause: float = 0.0, pause_after: int = 0):
+        self.path, self.pause, self.pause_after = Path(path), pause, pause_after
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if self.pause and trainer.global_step >= self.pause_after:
+            (self.path.parent / "paused").touch()
+            time.sleep(self.pause)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": trainer.global_step, "rows": batch["rows"].tolist()}) + "\n")
+
+
+def test_ctrl_c_writes_a_checkpoint_that_resumes(tmp_path, cache_dir):
+    steps = 6
+    env = {**os.environ, "SEDSFT_CACHE": str(cache_dir), "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}"}
+    rows_log = tmp_path / "rows.jsonl"
+    common = [
+        sys.executable, "src/train.py", f"paths.log_dir={tmp_path}", "hydra.run.dir=" + str(tmp_path / "run"),
+        f"data.train.n={N_TRAIN}", "data.val.n=8", f"data.batch_size={BATCH}", f"trainer.max_steps={steps}",
+        "+trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+        "~callbacks.generation_eval", "~callbacks.hf_export", "~callbacks.lr_monitor", "logger=[]",
+        "callbacks.model_checkpoint.monitor=null", "+callbacks.rows._target_=test_resume.RowLog",
+        f"+callbacks.rows.path={rows_log}",
+    ]  # fmt: skip
+    run = subprocess.Popen(
+        [*common, "+callbacks.rows.pause=30", "+callbacks.rows.pause_after=2"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "paused").exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.kill(run.pid, signal.SIGINT)  # in the pause before step 3, with its batch in flight
+    output = run.communicate(timeout=120)[0]
+    assert run.returncode != 0, output[-3000:]
+    on_exception = tmp_path / "run" / "checkpoints" / "on_exception.ckpt"
+    assert on_exception.is_file(), output[-3000:]
+    assert f"resume with ckpt_path={on_exception}" in output
+    assert checkpoint(on_exception)["global_step"] == 2
+
+    saved = yaml.safe_load((tmp_path / "run" / ".hydra" / "config.yaml").read_text())
+    assert saved["seed"] == checkpoint(on_exception)["sedsft"]["config"]["seed"] == 42
+
+    resumed = subprocess.run(
+        [*common, f"ckpt_path={on_exception}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == steps
+    logged = [json.loads(line) for line in rows_log.read_text().splitlines()]
+    assert [entry["step"] for entry in logged] == list(range(1, steps + 1))
+    assert [entry["rows"] for entry in logged] == expected_rows(42, steps)
