@@ -29,10 +29,10 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from peak_memory import read_peak, reset_peak
 
 from sedsft.losses import build_loss, topk_mass
 
@@ -82,31 +82,6 @@ def dense_loss(name: str, knobs: dict, logits: torch.Tensor, labels: torch.Tenso
     else:
         raise ValueError(name)
     return (per * keep).sum() / keep.sum().clamp(min=1)
-
-
-# -- memory probes ----------------------------------------------------------------------------------
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def reset_peak(device: torch.device) -> int:
-    """Reset the peak counter; returns the current usage in bytes (the baseline)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    Path("/proc/self/clear_refs").write_text("5")
-    return _rss_kib("VmRSS") * 1024
-
-
-def read_peak(device: torch.device) -> int:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    return _rss_kib("VmHWM") * 1024
 
 
 # -- one cell ---------------------------------------------------------------------------------------

@@ -27,9 +27,9 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
+from peak_memory import read_peak, reset_peak
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from sedsft.losses import build_loss
@@ -76,31 +76,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.precision = args.precision or ("bf16-mixed" if args.device.startswith("cuda") else "32-true")
     return args
-
-
-# -- memory ------------------------------------------------------------------------------------------
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def reset_peak(device: torch.device) -> int:
-    """Start a new peak; returns the memory in use now (weights, optimiser states)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    Path("/proc/self/clear_refs").write_text("5")
-    return _rss_kib("VmRSS") * 1024
-
-
-def read_peak(device: torch.device) -> int:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated(device)
-    return _rss_kib("VmHWM") * 1024
 
 
 # -- one cell ---------------------------------------------------------------------------------------

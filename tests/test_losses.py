@@ -488,9 +488,10 @@ def test_tau_from_topk_mass():
         tau_from_topk_mass(values, 1.5)
 
 
-def test_benchmark_dense_formulas_match_the_losses():
+def test_benchmark_dense_formulas_match_the_losses(monkeypatch):
     # The benchmark's naive baselines must compute the same losses as the engine.
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "losses.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # its sibling module peak_memory
     spec = importlib.util.spec_from_file_location("bench_losses", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -17,6 +17,7 @@ Instead, answers longer than ``MAX_ANSWER_CHARS`` skip the symbolic comparison.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from fractions import Fraction
@@ -24,6 +25,15 @@ from fractions import Fraction
 from math_verify import parse, verify
 
 MAX_ANSWER_CHARS = 512  # longer answers skip SymPy (no timeout protects it)
+
+
+def _not_the_disabled_timeout_warning(record: logging.LogRecord) -> bool:
+    # Math-Verify warns on every call that its timeout is off; here that is deliberate (above).
+    return "Timeout is disabled" not in record.getMessage()
+
+
+for _name in ("math_verify.parser", "math_verify.grader"):
+    logging.getLogger(_name).addFilter(_not_the_disabled_timeout_warning)
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _THOUSANDS_RE = re.compile(r"[+-]?\d{1,3}(,\d{3})+(\.\d*)?")

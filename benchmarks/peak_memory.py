@@ -1,0 +1,37 @@
+"""Peak-memory probes shared by the benchmark scripts.
+
+On CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. On the
+CPU: the process's peak resident set (``VmHWM``), reset by writing 5 to
+``/proc/self/clear_refs`` (Linux), so a measurement covers only what follows the reset.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak(device: torch.device) -> int:
+    """Start a new peak; returns the memory in use now in bytes (the baseline)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS") * 1024
+
+
+def read_peak(device: torch.device) -> int:
+    """The peak in bytes since the last ``reset_peak``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    return _status_kib("VmHWM") * 1024
