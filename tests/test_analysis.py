@@ -26,7 +26,7 @@ def fake_run(directory, loss: str, seed: int, metrics: dict) -> None:
 def test_collect_and_summarize_hand_computed(tmp_path):
     fake_run(tmp_path / "0", "ce", 1, {"gen/pass@1": 0.2, "gen/distinct_2": 0.10})
     fake_run(tmp_path / "1", "ce", 2, {"gen/pass@1": 0.4, "gen/distinct_2": 0.30})
-    fake_run(tmp_path / "2", "sed", 1, {"gen/pass@1": 0.5, "gen/distinct_2": 0.60})
+    fake_run(tmp_path / "2", "sed", 1, {"gen/pass@1": 0.5, "gen/distinct_2": 0.60, "val/mask_frac": 0.3})
     (tmp_path / "not_a_run").mkdir()
     runs = collect_runs(tmp_path)
     assert sorted(runs["run"]) == ["0", "1", "2"]
@@ -36,7 +36,9 @@ def test_collect_and_summarize_hand_computed(tmp_path):
     assert stats.loc["ce", "mean"] == pytest.approx(0.3)
     assert stats.loc["ce", "std"] == pytest.approx(0.141421, abs=1e-6)
     assert stats.loc["sed", "std"] == 0.0  # a single run
-    table = summarize(runs, ["gen/pass@1", "gen/distinct_2", "not/a_metric"])
+    table = summarize(runs, ["gen/pass@1", "gen/distinct_2", "val/mask_frac", "not/a_metric"])
+    assert table.loc["ce", "val/mask_frac"] == "-"  # not logged by ce
+    assert table.loc["sed", "val/mask_frac"] == "0.300 ± 0.000"
     assert table.loc["ce", "gen/pass@1"] == "0.300 ± 0.141"
     assert table.loc["sed", "gen/distinct_2"] == "0.600 ± 0.000"
     assert list(table["runs"]) == [2, 1]

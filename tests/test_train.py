@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import ROOT
 from sedsft.losses import LOSS_NAMES
 from sedsft.training import train
+from sedsft.utils.analysis import read_histograms
 
 SMALL_GENERATION = [
     "callbacks.generation_eval.num_prompts=4",
@@ -40,6 +41,12 @@ def test_default_run_writes_events_checkpoints_and_loadable_export(make_config, 
         torch.testing.assert_close(tensor, checkpoint["state_dict"][f"model.{name}"])
     assert checkpoint["sedsft"]["chat_template"] == tokenizer.chat_template
     assert checkpoint["sedsft"]["config"]["seed"] == 42
+    # validation histograms of target positions, in buckets over the values' own range
+    for tag, upper in (("val/topk_mass_hist", 1.0), ("val/entropy_hist", None)):
+        (step, edges, counts), *_ = read_histograms(tmp_path, tag)
+        assert step > 0 and len(edges) >= 32 and (counts > 0).sum() > 1
+        if upper is not None:
+            assert edges[-1] <= upper + 1e-6  # not TensorBoard's default buckets, which reach 1.1
     # the generation callback's numbers reached the logger
     assert {"gen/distinct_2", "gen/self_bleu", "gen/pass@1", "gen/pass@4", "gen/avg@4", "gen/sampled_entropy"} <= set(metrics)
 

@@ -209,7 +209,11 @@ class _LogitsSource:
         self, start: int, end: int, first_row: int | None, g: Tensor, scale: Tensor | None
     ) -> None:
         n = end - start
-        if scale is not None:
+        if scale is not None and self.low_precision:
+            # Scale in float32 before the cast, so that a large unscaled gradient cannot
+            # overflow float16.
+            g.mul_(scale.unsqueeze(1))
+        elif scale is not None:
             if self.row_scale is None:
                 self.row_scale = torch.ones(self.n_rows, device=self.device)
             self.row_scale.index_copy_(0, self.idx[start:end], scale)

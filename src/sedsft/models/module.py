@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import nn
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 LOSS_TERMS = ("ce", "reg")  # logged under <split>/loss_terms/; other loss metrics at <split>/
 HISTOGRAM_SAMPLE = 200_000  # target positions kept per validation epoch for histograms
+HISTOGRAM_BINS = 64  # equal-width buckets between the epoch's smallest and largest value
 
 
 class SFTModule(L.LightningModule):
@@ -242,8 +244,8 @@ class SFTModule(L.LightningModule):
         if self.trainer.sanity_checking or not hasattr(experiment, "add_histogram"):
             return
         for name, chunks in values.items():
-            flat = torch.cat(chunks)[:HISTOGRAM_SAMPLE]
-            experiment.add_histogram(f"val/{name}_hist", flat, global_step=self.global_step)
+            flat = torch.cat(chunks)[:HISTOGRAM_SAMPLE].numpy()
+            experiment.add_histogram(f"val/{name}_hist", flat, global_step=self.global_step, bins=_bins(flat))
 
     # ------------------------------------------------------------------ tau calibration
     def on_fit_start(self) -> None:
@@ -298,3 +300,9 @@ class SFTModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite_skips = checkpoint.get("sedsft", {}).get("nonfinite_skips", 0)
 
+
+def _bins(values: np.ndarray) -> np.ndarray | str:
+    """Equal-width bucket edges over the values' range. TensorBoard's default buckets grow
+    by 10% each, which would put every top-k mass above 0.91 into one bucket."""
+    lo, hi = float(values.min()), float(values.max())
+    return np.linspace(lo, hi, HISTOGRAM_BINS + 1) if hi > lo else "tensorflow"

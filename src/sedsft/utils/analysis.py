@@ -53,7 +53,8 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
 def summarize(df: pd.DataFrame, metrics: Sequence[str], by: str | Sequence[str] = "loss") -> pd.DataFrame:
     """``mean ± std`` over seeds of each metric, one row per group, plus the run count.
 
-    The std is the sample standard deviation (ddof=1); with one run it is shown as 0.
+    The std is the sample standard deviation (ddof=1); with one run it is shown as 0. A
+    metric a group does not log (``mask_frac`` of CE) is shown as ``-``.
     """
     present = [m for m in metrics if m in df.columns]
     grouped = df.groupby(by, sort=True)
@@ -61,7 +62,9 @@ def summarize(df: pd.DataFrame, metrics: Sequence[str], by: str | Sequence[str] 
     out["runs"] = grouped.size()
     for metric in present:
         mean, std = grouped[metric].mean(), grouped[metric].std(ddof=1).fillna(0.0)
-        out[metric] = [f"{m:.3f} ± {s:.3f}" for m, s in zip(mean, std, strict=True)]
+        out[metric] = [
+            "-" if np.isnan(m) else f"{m:.3f} ± {s:.3f}" for m, s in zip(mean, std, strict=True)
+        ]
     return out
 
 
