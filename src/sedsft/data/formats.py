@@ -152,12 +152,15 @@ def to_prompt(
 
 
 def gold_answer(row: Mapping[str, Any]) -> str | None:
-    """The reference final answer of a row, if the row carries one."""
-    if row.get("gold") is not None:
-        return str(row["gold"])
+    """The reference final answer of a row, if the row carries one (a blank one counts as
+    none: such a row is left out of accuracy, not scored against the empty string)."""
     reward = row.get("reward_model")
-    if isinstance(reward, Mapping) and reward.get("ground_truth") is not None:
-        return str(reward["ground_truth"])
-    if row.get("response") is not None and row.get("answer") is not None:
-        return str(row["answer"])
+    candidates = (
+        row.get("gold"),
+        reward.get("ground_truth") if isinstance(reward, Mapping) else None,
+        row.get("answer") if row.get("response") is not None else None,
+    )
+    for value in candidates:
+        if value is not None:
+            return None if _is_blank(str(value)) else str(value)
     return None

@@ -31,6 +31,12 @@ def eval_prompts(data_cfg: DictConfig, limit: int | None) -> list[tuple[list[dic
         prompts.append((to_prompt(row, source.name, index, data_cfg.get("system_prompt")), gold_answer(row)))
     if not prompts:
         raise DataError(source.name, None, None, "no prompts to evaluate")
+    missing = [i for i, (_, gold) in enumerate(prompts) if gold is None]
+    if missing:
+        log.warning(
+            "%s: %d of %d rows have no gold answer and are left out of pass@k / avg@k (rows %s%s)",
+            source.name, len(missing), count, missing[:10], " ..." if len(missing) > 10 else "",
+        )  # fmt: skip
     return prompts
 
 

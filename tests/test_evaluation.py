@@ -1,0 +1,154 @@
+"""Generation-time evaluation: the entropy tracker, sampling, scoring, and ``src/eval.py`` on a
+trained run (run dir, HF export, Lightning checkpoint) and on verl-style RL parquet."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT, compose_config
+from sedsft.evaluation.evaluate import label_diversity, score_samples
+from sedsft.evaluation.loading import load_for_eval
+from sedsft.evaluation.run import eval_prompts, evaluate
+from sedsft.evaluation.sampling import EntropyTracker, Samples, sample_completions
+from sedsft.training import train
+
+RL_SAMPLE = ROOT / "tests" / "fixtures" / "math_dapo_rl_sample.parquet"  # first 12 rows of the file below
+RL_FULL = ROOT.parent / "shared" / "data" / "math_dapo_rl_2069.parquet"
+SMALL_EVAL = ["num_prompts=3", "num_samples=3", "max_new_tokens=12", "batch_size=2"]
+
+
+def entropy(probs: list[float]) -> float:
+    return -sum(p * math.log(p) for p in probs if p > 0)
+
+
+def test_entropy_tracker_averages_active_rows_of_the_raw_distribution():
+    tracker = EntropyTracker(stop_ids=[9])
+    tracker.start(prompt_length=2)
+    uniform4 = torch.log(torch.tensor([[0.25, 0.25, 0.25, 0.25]]))
+    peaked = torch.log(torch.tensor([[0.7, 0.1, 0.1, 0.1]]))
+    scores = torch.cat([uniform4, peaked])
+    out = tracker(torch.tensor([[1, 2], [1, 2]]), scores)
+    assert out is scores  # passed on unchanged
+    # second step: row 1 has just emitted the stop token, so only row 0 counts
+    tracker(torch.tensor([[1, 2, 5], [1, 2, 9]]), scores)
+    expected = (entropy([0.25] * 4) + entropy([0.7, 0.1, 0.1, 0.1]) + entropy([0.25] * 4)) / 3
+    assert tracker.count == 3
+    assert tracker.mean == pytest.approx(expected, rel=1e-6)
+    # -inf scores (banned tokens) contribute 0, not NaN
+    tracker.start(prompt_length=1)
+    tracker(torch.tensor([[1]]), torch.tensor([[0.0, 0.0, -math.inf]]))
+    assert math.isfinite(tracker.mean)
+
+
+def test_label_diversity_hand_computed():
+    groups = [["a1", "a2", "b1"], ["a3", "a4", "a5"]]
+    out = label_diversity(groups, classify=lambda text: text[0])
+    # pooled labels: a x5, b x1
+    assert out["label_entropy"] == pytest.approx(entropy([5 / 6, 1 / 6]))
+    assert out["labels_per_prompt"] == pytest.approx((2 + 1) / 2)
+    assert out["label_frac/a"] == pytest.approx(5 / 6)
+
+
+def test_score_samples_hand_computed():
+    samples = Samples(
+        texts=[["\\boxed{4}", "\\boxed{5}", "no answer"], ["x \\boxed{7}", "\\boxed{7}", "\\boxed{7}"], ["hi", "hi", "ho"]],
+        num_tokens=[[3, 3, 2], [4, 3, 3], [1, 1, 1]],
+        entropy=0.5,
+    )
+    metrics, correct = score_samples(samples, ["4", "7", None], k=3)
+    assert correct == [[True, False, False], [True, True, True], [None, None, None]]
+    # prompts with a gold: c = 1 of 3 and 3 of 3 -> pass@1 = (1/3 + 1) / 2; pass@3 = 1
+    assert metrics["pass@1"] == pytest.approx((1 / 3 + 1) / 2)
+    assert metrics["pass@3"] == pytest.approx(1.0)
+    assert metrics["avg@3"] == pytest.approx((1 / 3 + 1) / 2)
+    assert metrics["sampled_entropy"] == 0.5
+    assert metrics["mean_new_tokens"] == pytest.approx(21 / 9)
+    # diversity covers every prompt, the one without a gold too
+    assert 0.0 < metrics["distinct_1"] <= 1.0 and "self_bleu" in metrics
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, cache_dir) -> Path:
+    """A few steps of the default training; its run directory (hf/ and checkpoints/)."""
+    out = tmp_path_factory.mktemp("run")
+    train(compose_config(out, cache_dir, "callbacks=[hf_export,model_checkpoint]", "logger=[]",
+                         "callbacks.model_checkpoint.monitor=null"))  # fmt: skip
+    return out
+
+
+def test_sampling_is_batched_seeded_and_restores_model_and_tokenizer(trained_run):
+    model, tokenizer = load_for_eval(str(trained_run))
+    model.train()
+    prompts = [[{"role": "user", "content": f"What is {a} + 3?"}] for a in (2, 5, 7)]
+    first = sample_completions(model, tokenizer, prompts, num_samples=4, max_new_tokens=10, batch_size=2, seed=0)
+    again = sample_completions(model, tokenizer, prompts, num_samples=4, max_new_tokens=10, batch_size=2, seed=0)
+    assert [len(group) for group in first.texts] == [4, 4, 4]
+    assert all(1 <= n <= 10 for group in first.num_tokens for n in group)
+    assert first.texts == again.texts and first.entropy == again.entropy > 0.0
+    assert model.training and tokenizer.padding_side == "right"
+
+
+@pytest.mark.parametrize("target", ["run_dir", "hf", "ckpt"])
+def test_eval_writes_metrics_and_samples_for_every_checkpoint_kind(trained_run, tmp_path, cache_dir, target):
+    ckpt = {"run_dir": trained_run, "hf": trained_run / "hf", "ckpt": trained_run / "checkpoints" / "last.ckpt"}[target]
+    cfg = compose_config(tmp_path, cache_dir, f"ckpt={ckpt}", "data.val.n=8", *SMALL_EVAL, shrink=False, name="eval.yaml")
+    metrics = evaluate(cfg)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(metrics)
+    records = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    assert len(records) == 3 * 3 and all(r["gold"] is not None for r in records)
+    assert metrics["num_prompts"] == 3
+    assert metrics["avg@3"] == pytest.approx(sum(r["correct"] for r in records) / len(records))
+    assert {"pass@1", "pass@3", "distinct_2", "self_bleu", "sampled_entropy"} <= set(metrics)
+
+
+def test_eval_prompts_from_rl_parquet():
+    prompts = eval_prompts(compose_rl_data(RL_SAMPLE), None)
+    assert len(prompts) == 12
+    messages, gold = prompts[0]
+    assert messages[-1]["role"] == "user" and "invest" in messages[-1]["content"]
+    assert gold == "42409"  # reward_model.ground_truth
+
+
+@pytest.mark.skipif(not RL_FULL.exists(), reason="the shared RL parquet is not next to this checkout")
+def test_eval_prompts_from_the_full_rl_parquet(caplog):
+    prompts = eval_prompts(compose_rl_data(RL_FULL), None)
+    assert len(prompts) == 2069
+    # one row of the real file has ground_truth "": no gold, named in a warning
+    assert [i for i, (_, gold) in enumerate(prompts) if gold is None] == [1602]
+    assert "1 of 2069 rows have no gold answer" in caplog.text and "[1602]" in caplog.text
+
+
+def compose_rl_data(path: Path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose("eval.yaml", overrides=["ckpt=unused", "data=local", f"data.path={path}"]).data
+
+
+def test_eval_cli_scores_rl_parquet(trained_run, tmp_path, cache_dir):
+    """``python src/eval.py`` as a user types it, on verl-style RL rows: a tiny model solves
+    none of them, but every sample is scored against the row's ground truth."""
+    env = {**os.environ, "SEDSFT_CACHE": str(cache_dir), "PYTHONPATH": ""}
+    result = subprocess.run(
+        [sys.executable, "src/eval.py", f"ckpt={trained_run / 'hf'}", "data=local", f"data.path={RL_SAMPLE}",
+         f"hydra.run.dir={tmp_path}", *SMALL_EVAL],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pass@1" in result.stdout and "self_bleu" in result.stdout  # the printed table
+    records = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    truths = [row["ground_truth"] for row in pd.read_parquet(RL_SAMPLE)["reward_model"]]
+    assert [r["gold"] for r in records] == [truth for truth in truths[:3] for _ in range(3)]
+    assert all(isinstance(r["correct"], bool) for r in records)
+    assert json.loads((tmp_path / "metrics.json").read_text())["pass@1"] == 0.0
