@@ -97,6 +97,14 @@ def test_sampling_is_batched_seeded_and_restores_model_and_tokenizer(trained_run
     assert model.training and tokenizer.padding_side == "right"
 
 
+def test_sampling_warns_when_prompts_overrun_the_context(trained_run, caplog):
+    model, tokenizer = load_for_eval(str(trained_run))
+    model.config.max_position_embeddings = 16  # only read by the check
+    prompt = [[{"role": "user", "content": "What is 12 + 30? Please think it through carefully."}]]
+    sample_completions(model, tokenizer, prompt, num_samples=1, max_new_tokens=8, seed=0)
+    assert "max_new_tokens=8 overran the model's context of 16 positions" in caplog.text
+
+
 @pytest.mark.parametrize("target", ["run_dir", "hf", "ckpt"])
 def test_eval_writes_metrics_and_samples_for_every_checkpoint_kind(trained_run, tmp_path, cache_dir, target):
     ckpt = {"run_dir": trained_run, "hf": trained_run / "hf", "ckpt": trained_run / "checkpoints" / "last.ckpt"}[target]

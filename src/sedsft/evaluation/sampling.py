@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
 
 
 class EntropyTracker(LogitsProcessor):
@@ -81,12 +84,16 @@ def sample_completions(
     model.eval()
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     texts, lengths = [], []
+    context = getattr(model.config, "max_position_embeddings", None)
+    longest = 0  # the longest prompt batch that overran the context, to warn once at the end
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
             rendered = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in chunk]
             inputs = tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             prompt_length = inputs["input_ids"].shape[1]
+            if context and prompt_length + max_new_tokens > context:
+                longest = max(longest, prompt_length)
             tracker.start(prompt_length)
             output = model.generate(
                 **inputs,
@@ -108,6 +115,12 @@ def sample_completions(
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
+    if longest:
+        log.warning(
+            "prompts of up to %d tokens + max_new_tokens=%d overran the model's context of %d "
+            "positions; samples past it are unreliable (shorten the prompts or use a longer-context model)",
+            longest, max_new_tokens, context,
+        )  # fmt: skip
     return Samples(texts=texts, num_tokens=lengths, entropy=tracker.mean)
 
 
