@@ -32,7 +32,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from peak_memory import read_peak, reset_peak
+from measure import read_peak, reset_peak, timed
 
 from sedsft.losses import build_loss, topk_mass
 
@@ -160,13 +160,7 @@ def timing_path(args, names: list[str], path: str) -> dict:
     for _ in range(args.repeats):
         for name, step in steps.items():
             gc.collect()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(timed(step, device))
     stat = statistics.median if args.stat == "median" else min
     return {name: stat(ts) for name, ts in times.items()}
 

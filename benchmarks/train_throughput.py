@@ -26,10 +26,9 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
-from peak_memory import read_peak, reset_peak
+from measure import read_peak, reset_peak, timed
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from sedsft.losses import build_loss
@@ -129,16 +128,7 @@ def run_cell(args, loss_name: str, path: str) -> dict:
     for _ in range(args.warmup):
         step()
     resident = reset_peak(device)
-    times = []
-    for _ in range(args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
+    seconds = statistics.median(timed(step, device) for _ in range(args.steps))
     return {
         "loss": loss_name,
         "path": path,

@@ -491,7 +491,7 @@ def test_tau_from_topk_mass():
 def test_benchmark_dense_formulas_match_the_losses(monkeypatch):
     # The benchmark's naive baselines must compute the same losses as the engine.
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "losses.py"
-    monkeypatch.syspath_prepend(str(path.parent))  # its sibling module peak_memory
+    monkeypatch.syspath_prepend(str(path.parent))  # its sibling module measure
     spec = importlib.util.spec_from_file_location("bench_losses", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

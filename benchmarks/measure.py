@@ -1,4 +1,4 @@
-"""Peak-memory probes shared by the benchmark scripts.
+"""Measurements shared by the benchmark scripts: wall time of one call and peak memory.
 
 On CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``. On the
 CPU: the process's peak resident set (``VmHWM``), reset by writing 5 to
@@ -7,6 +7,8 @@ CPU: the process's peak resident set (``VmHWM``), reset by writing 5 to
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,3 +37,14 @@ def read_peak(device: torch.device) -> int:
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device)
     return _status_kib("VmHWM") * 1024
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds ``fn()`` takes, with CUDA work finished before the clock starts and stops."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
