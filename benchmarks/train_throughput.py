@@ -33,7 +33,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from sedsft.losses import build_loss
 from sedsft.models.hf import CausalLMSpec
-from sedsft.models.module import SFTModule
+from sedsft.sft.module import SFTModule
 
 SHAPES = {  # the published configs' sizes (rope scaling and the like left out: no effect on cost)
     "qwen2.5-0.5b": (

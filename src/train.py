@@ -16,7 +16,7 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="train.yaml")
 def main(cfg: DictConfig) -> float | None:
-    from sedsft.training import train  # after Hydra set up logging and the run directory
+    from sedsft.sft.training import train  # after Hydra set up logging and the run directory
 
     metrics = train(cfg)
     metric = cfg.get("optimized_metric")

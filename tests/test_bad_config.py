@@ -11,9 +11,9 @@ from hydra.errors import ConfigCompositionException, InstantiationException
 from conftest import compose_config
 from sedsft.data.datamodule import SFTDataModule
 from sedsft.losses import build_loss
-from sedsft.models.module import SFTModule
 from sedsft.models.tiny import TinyLMSpec
-from sedsft.training import build, train
+from sedsft.sft.module import SFTModule
+from sedsft.sft.training import build, train
 
 FAST = ("callbacks=none", "logger=[]", "trainer.max_steps=1", "data.train.n=16", "data.val.n=8")
 

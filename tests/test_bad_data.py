@@ -162,8 +162,8 @@ def test_parquet_null_content_is_a_row_problem(tokenizer, tmp_path):
 def test_bad_last_row_stops_the_real_run_before_any_step(tmp_path, cache_dir, monkeypatch):
     """``data=local``: the row at the end of the file is found before the model is even built."""
     from sedsft.data import toy_math
-    from sedsft.models.module import SFTModule
-    from sedsft.training import train
+    from sedsft.sft.module import SFTModule
+    from sedsft.sft.training import train
 
     rows = [{"question": r["question"], "response": r["response"]} for r in toy_math.generate(40, seed=5)]
     rows.append({"question": "what now?", "response": "   "})

@@ -23,8 +23,8 @@ import torch
 
 from conftest import ROOT, compose_config
 from sedsft.losses import tau_from_topk_mass
-from sedsft.models.calibration import collect_topk_mass
-from sedsft.training import build
+from sedsft.losses.sed.calibration import collect_topk_mass
+from sedsft.sft.training import build
 
 N_TRAIN, N_VAL = 16, 8  # one micro-batch of 8 per rank = the whole training set in one step
 COMMON = [
@@ -126,10 +126,10 @@ def test_ddp_two_ranks_normalises_over_global_tokens_and_shares_tau(tmp_path, ca
     val = datamodule.splits["val"].dataset.select(range(min(loss.calib_num_examples, N_VAL)))
     batches = [datamodule.collator([{k: e[k] for k in ("input_ids", "labels")} for e in val])]
     module.eval()
-    tau = tau_from_topk_mass(collect_topk_mass(module, batches, loss.calib_top_k or loss.top_k, loss.calib_positions), loss.cumsum_ratio)
+    tau = tau_from_topk_mass(collect_topk_mass(module.model_step, batches, loss.calib_top_k or loss.top_k, loss.calib_positions), loss.cumsum_ratio)
     head = module.model.get_output_embeddings().weight
     head.data.mul_(DISTURB_SCALE)
-    tau_disturbed = tau_from_topk_mass(collect_topk_mass(module, batches, loss.calib_top_k or loss.top_k, loss.calib_positions), loss.cumsum_ratio)
+    tau_disturbed = tau_from_topk_mass(collect_topk_mass(module.model_step, batches, loss.calib_top_k or loss.top_k, loss.calib_positions), loss.cumsum_ratio)
     head.data.div_(DISTURB_SCALE)
     module.train()
     assert abs(tau_disturbed - tau) > 1e-3, "the disturbance must change a locally calibrated tau"

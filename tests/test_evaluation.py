@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from conftest import ROOT, compose_config
+from sedsft.checkpoints import load_model
 from sedsft.evaluation.evaluate import label_diversity, score_samples
-from sedsft.evaluation.loading import load_for_eval
 from sedsft.evaluation.run import eval_prompts, evaluate
 from sedsft.evaluation.sampling import EntropyTracker, Samples, sample_completions
-from sedsft.training import train
+from sedsft.sft.training import train
 
 RL_SAMPLE = ROOT / "tests" / "fixtures" / "math_dapo_rl_sample.parquet"  # first 12 rows of the file below
 RL_FULL = ROOT.parent / "shared" / "data" / "math_dapo_rl_2069.parquet"
@@ -86,7 +86,7 @@ def trained_run(tmp_path_factory, cache_dir) -> Path:
 
 
 def test_sampling_is_batched_seeded_and_restores_model_and_tokenizer(trained_run):
-    model, tokenizer = load_for_eval(str(trained_run))
+    model, tokenizer = load_model(str(trained_run))
     model.train()
     prompts = [[{"role": "user", "content": f"What is {a} + 3?"}] for a in (2, 5, 7)]
     first = sample_completions(model, tokenizer, prompts, num_samples=4, max_new_tokens=10, batch_size=2, seed=0)
@@ -98,7 +98,7 @@ def test_sampling_is_batched_seeded_and_restores_model_and_tokenizer(trained_run
 
 
 def test_sampling_warns_when_prompts_overrun_the_context(trained_run, caplog):
-    model, tokenizer = load_for_eval(str(trained_run))
+    model, tokenizer = load_model(str(trained_run))
     model.config.max_position_embeddings = 16  # only read by the check
     prompt = [[{"role": "user", "content": "What is 12 + 30? Please think it through carefully."}]]
     sample_completions(model, tokenizer, prompt, num_samples=1, max_new_tokens=8, seed=0)

@@ -17,7 +17,7 @@ from sedsft.losses import (
     tau_from_topk_mass,
     topk_mass,
 )
-from sedsft.losses.chunked import plan_chunks, topk_logits
+from sedsft.losses.engine import plan_chunks, topk_logits
 
 IGNORE = -100
 

@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader
 
 from conftest import compose_config
 from sedsft.losses import build_loss
-from sedsft.models.module import SFTModule
 from sedsft.models.tiny import TinyLMSpec
+from sedsft.sft.module import SFTModule
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_bad_fused_option(tiny_spec):
 
 
 def test_tau_calibrated_once_and_stored(tmp_path, cache_dir):
-    from sedsft.training import train
+    from sedsft.sft.training import train
 
     cfg = compose_config(tmp_path, cache_dir, "loss=sed", "trainer.max_steps=2")
     metrics = train(cfg)

@@ -13,8 +13,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from sedsft.losses import build_loss
-from sedsft.models.module import SFTModule
 from sedsft.models.tiny import TinyLMSpec
+from sedsft.sft.module import SFTModule
 
 STEPS = 4
 

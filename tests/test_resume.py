@@ -24,9 +24,9 @@ import torch
 import yaml
 
 from conftest import ROOT, compose_config
-from sedsft.models import calibration
-from sedsft.models.module import SFTModule
-from sedsft.training import train
+from sedsft.losses.sed import calibration
+from sedsft.sft.module import SFTModule
+from sedsft.sft.training import train
 
 N_TRAIN, BATCH, MAX_STEPS = 32, 8, 6  # 4 batches per epoch: the runs cross an epoch boundary
 RUN = [

@@ -28,8 +28,8 @@ from sedsft.data.formats import PAPER_SYSTEM_PROMPT
 from sedsft.data.packing import PackingCollator
 from sedsft.models.hf import CausalLMSpec
 from sedsft.models.lora import is_peft, lora_settings, merged_state_dict
-from sedsft.models.scaling import DecoderLayerPolicy, fsdp_strategy
-from sedsft.training import build, train
+from sedsft.sft.strategies import DecoderLayerPolicy, fsdp_strategy
+from sedsft.sft.training import build, train
 
 CONFIGS = ROOT / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("paper_*.yaml"))

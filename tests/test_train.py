@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT
 from sedsft.losses import LOSS_NAMES
-from sedsft.training import train
+from sedsft.sft.training import train
 from sedsft.utils.analysis import read_histograms
 
 SMALL_GENERATION = [

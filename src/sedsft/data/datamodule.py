@@ -231,6 +231,19 @@ class SFTDataModule(L.LightningDataModule):
         """The held-out split (SFT data sets here have no separate test split)."""
         return self.val_dataloader()
 
+    def calibration_dataloader(self, num_examples: int) -> DataLoader:
+        """The first ``num_examples`` held-out examples (training ones when there is no
+        held-out split), padded, in order: what SED's ``tau`` is calibrated on."""
+        split = "val" if "val" in self.splits else "train"
+        dataset = self.splits[split].dataset
+        subset = dataset.select(range(min(num_examples, len(dataset))))
+        return DataLoader(
+            subset.select_columns(["input_ids", "labels"]),
+            batch_size=self.eval_batch_size,
+            shuffle=False,
+            collate_fn=self.collator,
+        )
+
     # ---------------------------------------------------------------- generation prompts
     def prompts(self, split: str = "val", limit: int | None = None) -> list[tuple[list[dict], str | None]]:
         """``(prompt messages, gold answer)`` for held-out rows, for generation-time metrics."""

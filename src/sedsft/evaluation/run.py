@@ -11,9 +11,9 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
+from sedsft.checkpoints import load_model
 from sedsft.data.formats import DataError, gold_answer, to_prompt
 from sedsft.evaluation.evaluate import evaluate_generations
-from sedsft.evaluation.loading import load_for_eval
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def format_table(metrics: dict[str, float]) -> str:
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed)
-    model, tokenizer = load_for_eval(cfg.ckpt)
+    model, tokenizer = load_model(cfg.ckpt)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     prompts = eval_prompts(cfg.data, cfg.num_prompts)

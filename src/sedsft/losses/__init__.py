@@ -6,14 +6,13 @@
 """
 
 from sedsft.losses.base import LossOutput, TokenLoss
-from sedsft.losses.calibration import tau_from_topk_mass, topk_mass
 from sedsft.losses.ce import CELoss
-from sedsft.losses.chunked import IGNORE_INDEX
 from sedsft.losses.dft import DFTLoss
+from sedsft.losses.engine import IGNORE_INDEX
 from sedsft.losses.entropy import EntropyLoss
 from sedsft.losses.gem import GEMLoss
 from sedsft.losses.registry import LOSS_NAMES, LOSSES, build_loss, loss_knobs
-from sedsft.losses.sed import SEDLoss, SEDNoMaskLoss
+from sedsft.losses.sed import SEDLoss, SEDNoMaskLoss, calibrate_tau, tau_from_topk_mass, topk_mass
 
 __all__ = [
     "IGNORE_INDEX",
@@ -28,6 +27,7 @@ __all__ = [
     "SEDNoMaskLoss",
     "TokenLoss",
     "build_loss",
+    "calibrate_tau",
     "loss_knobs",
     "tau_from_topk_mass",
     "topk_mass",

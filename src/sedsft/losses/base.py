@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from sedsft.losses.chunked import Chunk, ChunkResult, fused_loss, logits_loss
+from sedsft.losses.engine import Chunk, ChunkResult, fused_loss, logits_loss
 
 
 @dataclass

@@ -6,7 +6,7 @@ Per target token ``-log p_y`` with ``p = softmax(z)``; gradient ``p - e_y``.
 from __future__ import annotations
 
 from sedsft.losses.base import TokenLoss
-from sedsft.losses.chunked import Chunk, ChunkResult, subtract_onehot_
+from sedsft.losses.engine import Chunk, ChunkResult, subtract_onehot_
 
 
 class CELoss(TokenLoss):

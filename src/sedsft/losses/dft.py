@@ -9,7 +9,7 @@ factor, which the engine applies for free.
 from __future__ import annotations
 
 from sedsft.losses.base import TokenLoss
-from sedsft.losses.chunked import Chunk, ChunkResult, subtract_onehot_
+from sedsft.losses.engine import Chunk, ChunkResult, subtract_onehot_
 
 
 class DFTLoss(TokenLoss):

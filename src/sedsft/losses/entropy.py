@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from sedsft.losses.base import TokenLoss, check_lam
-from sedsft.losses.chunked import Chunk, ChunkResult, subtract_onehot_
+from sedsft.losses.engine import Chunk, ChunkResult, subtract_onehot_
 
 
 class EntropyLoss(TokenLoss):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from sedsft.losses.base import TokenLoss, check
-from sedsft.losses.chunked import Chunk, ChunkResult, subtract_onehot_
+from sedsft.losses.engine import Chunk, ChunkResult, subtract_onehot_
 
 GEM_H = ("linear", "logsigmoid")
 

@@ -16,9 +16,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from sedsft.models.compile import compile_decoder_layers
 from sedsft.models.lora import apply_lora, lora_settings
 from sedsft.models.lora import load_kwargs as lora_load_kwargs
-from sedsft.models.scaling import compile_decoder_layers
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ Fine-Tuning", ACL 2026 (arXiv 2602.07464).
 Per target token ``-log p_y + lam * m * (p_y - 1/2)^2`` with the mask
 ``m = 1[c_k < tau]``, ``c_k`` the sum of the k largest probabilities (no gradient through
 ``m``). The regulariser only acts where the model spreads its mass (a large exploration
-space). ``tau`` is calibrated once on the initial model (see ``calibration.py``).
+space). ``tau`` is calibrated once on the initial model (``calibration.calibrate_tau``).
 
 Gradient: ``d (p_y - 1/2)^2 / dz = -2 (p_y - 1/2) p_y (p - e_y)``, so the whole gradient is
 CE's ``p - e_y`` times the per-row factor ``1 - 2 lam m (p_y - 1/2) p_y``: SED costs CE plus
@@ -21,10 +21,8 @@ import torch
 from torch import Tensor
 
 from sedsft.losses.base import TokenLoss, check, check_lam, check_positive_int
-from sedsft.losses.calibration import tau_from_topk_mass
-from sedsft.losses.chunked import Chunk, ChunkResult, subtract_onehot_
-
-CALIB_POSITIONS = ("target", "all")
+from sedsft.losses.engine import Chunk, ChunkResult, subtract_onehot_
+from sedsft.losses.sed.calibration import CALIB_POSITIONS, tau_from_topk_mass
 
 
 def _sed_chunk(c: Chunk, lam: float, mask: Tensor) -> ChunkResult:

@@ -12,7 +12,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from sedsft.models.module import SFTModule
+from sedsft.sft.module import SFTModule
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -10,30 +9,9 @@ import lightning as L
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
-from sedsft.models.lora import is_peft, save_lora
+from sedsft.checkpoints import loss_meta, save_hf
 
 log = logging.getLogger(__name__)
-MODEL_PREFIX = "model."
-
-
-def save_hf(module, directory: str | Path, state_dict: dict | None = None, merge: bool = True) -> Path:
-    """``save_pretrained`` of ``module.model`` (weights from ``state_dict`` when given, e.g.
-    a gathered FSDP state) and of ``module.tokenizer`` with its chat template. A LoRA model
-    is written merged into full weights (``merge``) or as the adapter alone."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    if state_dict is not None:
-        state_dict = {k[len(MODEL_PREFIX):]: v for k, v in state_dict.items() if k.startswith(MODEL_PREFIX)}
-    if is_peft(module.model):
-        save_lora(module.model, directory, state_dict, merge)
-    else:
-        module.model.save_pretrained(directory, state_dict=state_dict)
-    if module.tokenizer is not None:
-        module.tokenizer.save_pretrained(directory)
-    tau = getattr(module.loss_fn, "tau", None)
-    meta = {"loss": type(module.loss_fn).__name__, "tau": None if tau is None else float(tau)}
-    (directory / "sedsft.json").write_text(json.dumps(meta, indent=2))
-    return directory
 
 
 class HFExport(L.Callback):
@@ -56,7 +34,14 @@ class HFExport(L.Callback):
 
     @rank_zero_only
     def _write(self, pl_module: L.LightningModule, state_dict: dict) -> None:
-        save_hf(pl_module, self.directory, state_dict, merge=self.merge)
+        save_hf(
+            pl_module.model,
+            pl_module.tokenizer,
+            self.directory,
+            meta=loss_meta(pl_module.loss_fn),
+            state_dict=state_dict,
+            merge=self.merge,
+        )
         log.info("exported Hugging Face model to %s", self.directory)
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from sedsft.losses.sed import calibration
 from sedsft.models.hf import CausalLMSpec
 
 log = logging.getLogger(__name__)
@@ -128,23 +129,33 @@ class SFTModule(L.LightningModule):
             raise ValueError(f"module.fused_loss=true but {why}; allowed here: module.fused_loss=auto or false")
         return available
 
-    def model_step(self, batch: dict[str, torch.Tensor], token_stats: bool = False):
-        """Forward + loss for one micro-batch; shared by train / val / test.
+    def model_step(
+        self,
+        batch: dict[str, torch.Tensor],
+        token_stats: bool = False,
+        labels: torch.Tensor | None = None,
+        loss_fn: nn.Module | None = None,
+    ):
+        """Forward + loss for one micro-batch; shared by train / val / test and by SED's
+        calibration (which passes its own ``labels`` [B, T] and a probe ``loss_fn``).
 
         Labels are shifted here, once: position ``t`` predicts token ``t + 1``.
         """
-        labels = batch["labels"][:, 1:]
+        loss_fn = self.loss_fn if loss_fn is None else loss_fn
+        labels = (batch["labels"] if labels is None else labels)[:, 1:]
+        batch = {k: v.to(self.device) for k, v in batch.items()} if batch["input_ids"].device != self.device else batch
+        labels = labels.to(self.device)
         # Packed rows (data.packing) carry position_ids and no attention mask: the model then
         # keeps attention inside each example, but only without a KV cache, hence use_cache.
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
         if self.use_fused():
             hidden = self.model.get_decoder()(**inputs, use_cache=False).last_hidden_state[:, :-1]
             head = self.model.get_output_embeddings()
-            return self.loss_fn.fused(
+            return loss_fn.fused(
                 hidden, head.weight, labels, bias=head.bias, return_token_stats=token_stats
             )
         logits = self.model(**inputs, use_cache=False).logits[:, :-1]
-        return self.loss_fn(logits, labels, return_token_stats=token_stats)
+        return loss_fn(logits, labels, return_token_stats=token_stats)
 
     # ------------------------------------------------------------------ logging
     def _log_means(self, split: str, out, **kwargs: Any) -> None:
@@ -252,10 +263,15 @@ class SFTModule(L.LightningModule):
         # A resumed run takes tau from its checkpoint; strategies that restore after this
         # hook (DeepSpeed) have not loaded it yet, so the checkpoint path decides.
         if getattr(self.loss_fn, "needs_calibration", False) and not self.trainer.ckpt_path:
-            from sedsft.models.calibration import calibrate_tau
-
-            tau, mask_rate = calibrate_tau(self, self.trainer.datamodule)
-            self.loss_fn.set_tau(tau)
+            batches = self.trainer.datamodule.calibration_dataloader(self.loss_fn.calib_num_examples)
+            was_training = self.training
+            self.eval()
+            try:
+                tau, mask_rate = calibration.calibrate_tau(
+                    self.loss_fn, batches, self.model_step, self.trainer.strategy.broadcast
+                )
+            finally:
+                self.train(was_training)
             values = {"calibration/tau": tau, "calibration/mask_rate": mask_rate}
             # self.log is not available in on_fit_start: write to the loggers directly.
             for logger in self.loggers:

@@ -1,1 +1,0 @@
-"""Lightning callbacks: Hugging Face export, generation-time evaluation."""
