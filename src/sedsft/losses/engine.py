@@ -24,10 +24,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from sedsft import IGNORE_INDEX
+
 if TYPE_CHECKING:
     from sedsft.losses.base import TokenLoss
 
-IGNORE_INDEX = -100
 # Elements per float32 [rows, V] chunk buffer (64 MiB); three such buffers are live at once.
 DEFAULT_CHUNK_ELEMS = 1 << 24
 # Block width of the blocked top-k below; 128 keeps the block-max reduction vectorised.

@@ -17,13 +17,13 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from torch import nn
 from torchmetrics import MeanMetric
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from sedsft.losses.sed import calibration
 from sedsft.models.hf import CausalLMSpec
+from sedsft.sft.strategies import owns_gradients, shards_lm_head
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +115,7 @@ class SFTModule(L.LightningModule):
         if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
             return False, "the model transforms its logits after the LM head"
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if isinstance(strategy, FSDPStrategy) or (
-            isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
-        ):
+        if shards_lm_head(strategy):
             return False, "the LM head weight is sharded by the strategy"
         return True, ""
 
@@ -206,7 +204,7 @@ class SFTModule(L.LightningModule):
     def _global_normalisation(self) -> bool:
         # DeepSpeed keeps gradients inside its engine, out of reach of the rescaling
         # below; there each micro-batch is normalised by its own token count.
-        return not isinstance(self.trainer.strategy, DeepSpeedStrategy)
+        return not owns_gradients(self.trainer.strategy)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if not self._global_normalisation():

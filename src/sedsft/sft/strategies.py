@@ -16,8 +16,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.plugins.precision import FSDPPrecision
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, Strategy
 from torch import nn
 from torch.distributed.fsdp.wrap import _Policy
 
@@ -151,3 +152,41 @@ def deepspeed_strategy(stage: int = 2, **kwargs: Any) -> DeepSpeedStrategy:
     if importlib.util.find_spec("deepspeed") is None:
         raise ImportError(DEEPSPEED_MISSING.format(name=f"deepspeed_zero{stage}"))
     return HFDeepSpeedStrategy(stage=stage, **kwargs)
+
+
+# -- what the rest of the SFT stage needs to know about a strategy: asked here, in one place --
+def shards_lm_head(strategy: Strategy | None) -> bool:
+    """Whether the LM head weight is split across ranks (FSDP, ZeRO-3): the fused loss path
+    multiplies by the whole weight, so it needs it unsharded."""
+    return isinstance(strategy, FSDPStrategy) or (
+        isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3
+    )
+
+
+def owns_gradients(strategy: Strategy | None) -> bool:
+    """Whether the strategy keeps gradients inside its own engine (DeepSpeed), out of reach
+    of a rescaling in ``on_before_optimizer_step``."""
+    return isinstance(strategy, DeepSpeedStrategy)
+
+
+def full_state_dict(trainer: Trainer) -> dict:
+    """The module's full (unsharded) state dict on rank 0; every rank must call it.
+
+    FSDP gathers shards whatever ``state_dict_type`` checkpoints use; ZeRO-3 gathers the
+    partitioned parameters; other strategies hold full weights already.
+    """
+    strategy = trainer.strategy
+    if isinstance(strategy, FSDPStrategy):
+        from lightning.fabric.strategies.fsdp import _get_full_state_dict_context
+
+        with _get_full_state_dict_context(strategy.model, world_size=strategy.world_size):
+            return strategy.model.state_dict()
+    if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
+        import deepspeed
+
+        module = strategy.lightning_module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            if not strategy.is_global_zero:
+                return {}
+            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+    return strategy.lightning_module_state_dict()

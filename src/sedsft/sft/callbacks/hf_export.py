@@ -6,10 +6,10 @@ import logging
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 
 from sedsft.checkpoints import loss_meta, save_hf
+from sedsft.sft.strategies import full_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -43,26 +43,3 @@ class HFExport(L.Callback):
             merge=self.merge,
         )
         log.info("exported Hugging Face model to %s", self.directory)
-
-
-def full_state_dict(trainer: L.Trainer) -> dict:
-    """The module's full (unsharded) state dict on rank 0; every rank must call it.
-
-    FSDP gathers shards whatever ``state_dict_type`` checkpoints use; ZeRO-3 gathers the
-    partitioned parameters; other strategies hold full weights already.
-    """
-    strategy = trainer.strategy
-    if isinstance(strategy, FSDPStrategy):
-        from lightning.fabric.strategies.fsdp import _get_full_state_dict_context
-
-        with _get_full_state_dict_context(strategy.model, world_size=strategy.world_size):
-            return strategy.model.state_dict()
-    if isinstance(strategy, DeepSpeedStrategy) and strategy.zero_stage_3:
-        import deepspeed
-
-        module = strategy.lightning_module
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            if not strategy.is_global_zero:
-                return {}
-            return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-    return strategy.lightning_module_state_dict()
