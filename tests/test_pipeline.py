@@ -1,0 +1,121 @@
+"""The SFT -> GRPO pipeline per (loss, seed) and its summary across seeds."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import ROOT, compose_config
+
+from sedsft.pipeline.summary import interval, paired, per_loss, summary_tables, write_summary
+
+T_975_2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom
+
+
+def test_interval_by_hand():
+    mean, half, n = interval([0.1, 0.2, 0.3])
+    assert (mean, n) == (pytest.approx(0.2), 3)
+    assert half == pytest.approx(T_975_2 * 0.1 / math.sqrt(3))  # sd = 0.1
+    mean, half, n = interval([0.5, float("nan"), None])  # undefined values are left out
+    assert (mean, n) == (0.5, 1) and math.isnan(half)
+    assert interval([])[2] == 0
+
+
+def test_paired_differences_pair_by_seed():
+    df = pd.DataFrame(
+        {
+            "loss": ["ce"] * 3 + ["sed"] * 3,
+            "seed": [1, 2, 3, 3, 2, 1],  # sed's rows in another order: pairing goes by seed
+            "m": [0.1, 0.2, 0.3, 0.4, 0.2, 0.15],
+        }
+    )
+    diff = paired(df, ["m"]).set_index("loss").loc["sed"]
+    # differences by seed: 0.05, 0.0, 0.1 -> mean 0.05, sd 0.05
+    assert diff["mean"] == pytest.approx(0.05) and diff["n"] == 3
+    assert diff["half"] == pytest.approx(T_975_2 * 0.05 / math.sqrt(3))
+    unpaired = per_loss(df, ["m"]).set_index("loss").loc["sed", "mean"]
+    assert unpaired == pytest.approx(0.25)
+
+
+def write_job(root: Path, loss: str, seed: int, before: float, after: float) -> None:
+    job = root / f"{loss}_{seed}"
+    job.mkdir(parents=True)
+    record = {"loss": loss, "seed": seed, "metrics": {
+        "sft": {"val/loss": 1.0},
+        "rl": {"heldout_before/pass@1": before, "heldout/pass@1": after},
+    }}  # fmt: skip
+    (job / "pipeline.json").write_text(json.dumps(record))
+
+
+def test_summary_tables_and_files(tmp_path):
+    for seed, (b, a) in enumerate([(0.1, 0.3), (0.2, 0.4), (0.3, 0.5)], start=1):
+        write_job(tmp_path, "ce", seed, b, a)
+        write_job(tmp_path, "sed", seed, b, a + 0.1)
+    from sedsft.pipeline.summary import collect
+
+    tables = summary_tables(collect(tmp_path), order=["ce", "sed"])
+    half = T_975_2 * 0.1 / math.sqrt(3)
+    assert tables["after_sft"].loc["ce", "pass@1"] == f"0.200 ± {half:.3f}"
+    assert tables["after_rl"].loc["sed", "pass@1"] == f"0.500 ± {half:.3f}"
+    assert tables["after_rl_vs_ce"].loc["sed", "pass@1"] == "0.100 ± 0.000"  # the same +0.1 on every seed
+    assert list(tables["after_rl"].index) == ["ce", "sed"] and tables["after_rl"].loc["ce", "seeds"] == 3
+    text = write_summary(tmp_path)
+    assert "After RL, paired difference to ce by seed" in text and (tmp_path / "summary.json").is_file()
+
+
+def test_pipeline_and_grid_presets_compose(tmp_path):
+    cfg = compose_config(tmp_path, tmp_path, "loss=sed", "loss.lam=0.5", "seed=3", shrink=False, name="pipeline.yaml")
+    assert cfg.loss.name == "sed" and list(cfg.stages) == ["sft", "rl"]
+    from sedsft.pipeline.run import stage_overrides
+
+    sft = stage_overrides(cfg, "sft", tmp_path)
+    assert sft[:4] == ["loss=sed", "loss.lam=0.5", "seed=3", f"paths.output_dir={tmp_path / 'sft'}"]
+    assert stage_overrides(cfg, "rl", tmp_path)[0] == f"policy={tmp_path / 'sft'}"
+    grid = compose_config(tmp_path, tmp_path, "grid=toy_claim", shrink=False, name="pipeline.yaml")
+    assert grid is not None
+    slurm = compose_config(tmp_path, tmp_path, "grid=paper_slurm", "loss=gem", shrink=False, name="pipeline.yaml")
+    assert slurm.sft.overrides[0] == "experiment=paper_llama32_3b_gem"
+
+
+SFT_TINY = [
+    "experiment=toy_base", "model.pretrain_steps=4", "data.train.n=48", "data.val.n=8",
+    "data.batch_size=8", "trainer.max_steps=2", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+    "callbacks.generation_eval.num_prompts=2", "callbacks.generation_eval.num_samples=2",
+    "callbacks.generation_eval.max_new_tokens=8",
+]  # fmt: skip
+RL_TINY = [
+    "grpo=toy", "data.train.n=16", "grpo.max_steps=2", "grpo.generation_batch_size=8",
+    "grpo.num_generations=4", "grpo.per_device_train_batch_size=4", "grpo.max_completion_length=8",
+    "grpo.save_steps=100", "heldout.num_prompts=2", "heldout.num_samples=2", "heldout.batch_size=2",
+    "++grpo.disable_tqdm=true",
+]  # fmt: skip
+
+
+def as_list(overrides: list[str]) -> str:
+    return "[" + ",".join(f"'{o}'" for o in overrides) + "]"
+
+
+@pytest.mark.slow
+def test_two_job_grid_on_submitits_local_executor(tmp_path, cache_dir):
+    """``-m loss=ce,sed`` through ``hydra/launcher=submitit_local``: both jobs run SFT and
+    RL in their own directories and the summary lands in the sweep directory."""
+    sweep = tmp_path / "sweep"
+    env = {**os.environ, "SEDSFT_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "src/pipeline.py", "-m", "loss=ce,sed", "seed=1",
+        "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=20",
+        f"hydra.sweep.dir={sweep}", f"sft.overrides={as_list(SFT_TINY)}", f"rl.overrides={as_list(RL_TINY)}",
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in sorted(sweep.rglob("pipeline.json"))]
+    assert sorted(r["loss"] for r in records) == ["ce", "sed"]
+    for record in records:
+        assert record["metrics"]["sft"]["train/loss"] > 0
+        assert record["metrics"]["rl"]["global_step"] == 2
+        assert 0.0 <= record["metrics"]["rl"]["heldout_before/pass@1"] <= 1.0
+    assert "After RL" in (sweep / "summary.md").read_text()
