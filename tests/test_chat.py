@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from conftest import CHATML_GENERATION_TEMPLATE, with_template
-from sedsft.data.chat import IGNORE_INDEX, TemplateError, tokenize_chat
+from sedsft.data.chat import IGNORE_INDEX, TemplateError, render_labels, tokenize_chat
+from sedsft.data.datamodule import SFTDataModule
+from sedsft.data.formats import DataError
+from sedsft.data.sources import LocalFileSource
 
 SINGLE = [
     {"role": "system", "content": "Please reason step by step."},
@@ -85,13 +91,82 @@ def test_matches_transformers_generation_mask(base_tokenizer):
 
 
 def test_template_that_rewrites_history_is_rejected(base_tokenizer):
-    # Drops earlier assistant turns (as reasoning templates drop <think> blocks):
-    # the render of a prefix is no prefix of the full render.
+    # Drops earlier assistant turns: the render of a prefix is no prefix of the full render.
     rewriting = (
         "{%- for message in messages %}{%- if message['role'] != 'assistant' or loop.last %}"
         "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
         "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
     )
     tok = with_template(base_tokenizer, rewriting)
-    with pytest.raises(TemplateError, match="prefix-consistently"):
-        tokenize_chat(tok, MULTI)
+    with pytest.raises(DataError) as caught:
+        tokenize_chat(tok, MULTI, source="train.jsonl", row=4)
+    assert isinstance(caught.value, TemplateError) and caught.value.cause == "rewrite"
+    assert str(caught.value).startswith("train.jsonl: row 4: the chat template rewrites earlier turns: ")
+    assert "assistant turn 1" in str(caught.value) and "model.chat_template" in str(caught.value)
+
+
+# ChatML that cuts each reply up to </think> and keeps a plain generation prompt (the first
+# DeepSeek-R1 distill release did this): prefix-consistent, but the reasoning is never rendered.
+CUTTING_THINK = (
+    "{%- for message in messages %}{%- set content = message['content'] %}"
+    "{%- if message['role'] == 'assistant' and '</think>' in content %}{%- set content = content.split('</think>')[-1] %}{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def test_template_that_cuts_reasoning_is_rejected_even_when_prefix_consistent(base_tokenizer):
+    tok = with_template(base_tokenizer, CUTTING_THINK)
+    plain = tokenize_chat(tok, MULTI)  # without reasoning the template is fine
+    assert target_runs(tok, plain) == [m["content"] + "<|im_end|>\n" for m in MULTI if m["role"] == "assistant"]
+    thinking = [MULTI[0], {"role": "assistant", "content": "<think>5 and 3 more</think>5 + 3 = 8"}]
+    with pytest.raises(TemplateError) as caught:
+        tokenize_chat(tok, thinking, source="s.jsonl", row=0)
+    assert caught.value.cause == "reasoning"
+    assert "strips reasoning" in str(caught.value) and "'<think>5 and 3 more</think>5 + 3 = 8'" in str(caught.value)
+
+
+def test_template_that_drops_the_system_prompt_is_rejected(base_tokenizer):
+    no_system = (
+        "{%- for message in messages %}{%- if message['role'] != 'system' %}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{%- endif %}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    )
+    tok = with_template(base_tokenizer, no_system)
+    with pytest.raises(TemplateError) as caught:
+        tokenize_chat(tok, SINGLE, source="s.jsonl", row=2)
+    assert caught.value.cause == "system_moved"
+    assert "does not appear in the rendered text" in str(caught.value) and "data.system_prompt" in str(caught.value)
+
+
+@pytest.mark.parametrize("fixture", ["chatml_tokenizer", "llama3_tokenizer"])
+def test_opening_assistant_turn_labels_only_the_greeting(request, fixture):
+    """A greeting before the first user turn: the template's preamble (Qwen's default system
+    message, Llama's BOS and date header) stays unlabelled."""
+    tok = request.getfixturevalue(fixture)
+    greeting = {"role": "assistant", "content": "Hello! Ask me a sum."}
+    chat = tokenize_chat(tok, [greeting, *MULTI])
+    end = "<|im_end|>\n" if fixture == "chatml_tokenizer" else "<|eot_id|>"
+    replies = [greeting["content"]] + [m["content"] for m in MULTI if m["role"] == "assistant"]
+    assert target_runs(tok, chat) == [r + end for r in replies]
+    assert chat.labels[0] == IGNORE_INDEX
+    assert "[[Hello!" in render_labels(tok, chat)
+
+
+def test_datamodule_skips_rows_the_template_rejects_naming_file_and_row(base_tokenizer, tmp_path):
+    """Gemma-2's template raises on a system message: with data.system_prompt set, every row
+    is rejected, and the error names the file, the row, the cause and the knob."""
+    gemma = (Path(__file__).parent / "fixtures" / "chat_templates" / "gemma2_it.jinja").read_text()
+    tok = with_template(base_tokenizer, gemma, bos="<|begin_of_text|>")
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"messages": MULTI}) + "\n" for _ in range(3)))
+    datamodule = SFTDataModule(tok, LocalFileSource(str(path)), val_size=0, system_prompt="Be brief.", max_length=256)
+    with pytest.raises(DataError) as caught:
+        datamodule.setup("fit")
+    message = str(caught.value)
+    assert "empty after filtering" in message
+    assert f"{path}: row 0: the chat template has no system role: it raises 'System role not supported'" in message
+    assert "unset data.system_prompt" in message
+    ok = SFTDataModule(tok, LocalFileSource(str(path)), val_size=0, max_length=256)
+    ok.setup("fit")
+    assert len(ok.splits["train"].dataset) == 3

@@ -20,7 +20,7 @@ from sedsft.data.formats import ROW_FIELD, DataError, gold_answer, to_messages, 
 from sedsft.data.packing import PackingCollator
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2  # bump when tokenisation changes, to invalidate cached data sets
+CACHE_VERSION = 3  # bump when tokenisation changes, to invalidate cached data sets
 
 
 @dataclass
@@ -142,7 +142,7 @@ class SFTDataModule(L.LightningDataModule):
         out = {"input_ids": [], "labels": [], "num_targets": 0, "row": number, "index": index, "skip": ""}
         try:
             messages = to_messages(row, source, number, self.system_prompt)
-            chat = tokenize_chat(self.tokenizer, messages, self.max_length)
+            chat = tokenize_chat(self.tokenizer, messages, self.max_length, source=source, row=number)
         except DataError as err:
             return {**out, "skip": str(err)}
         if not chat.num_targets:
