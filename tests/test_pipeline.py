@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import ROOT, compose_config
 
+from conftest import ROOT, compose_config
 from sedsft.pipeline.summary import interval, paired, per_loss, summary_tables, write_summary
 
 T_975_2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom
@@ -119,3 +119,23 @@ def test_two_job_grid_on_submitits_local_executor(tmp_path, cache_dir):
         assert record["metrics"]["rl"]["global_step"] == 2
         assert 0.0 <= record["metrics"]["rl"]["heldout_before/pass@1"] <= 1.0
     assert "After RL" in (sweep / "summary.md").read_text()
+
+
+FIXTURE = ROOT / "tests" / "fixtures" / "pipeline_grid"  # made by tests/fixtures/make_pipeline_grid.sh
+
+
+@pytest.mark.skipif(not FIXTURE.is_dir(), reason="no committed pipeline grid fixture")
+def test_notebook_executes_on_the_committed_grid(tmp_path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    before = sorted(p.stat().st_mtime_ns for p in FIXTURE.rglob("*"))
+    monkeypatch.setenv("SEDSFT_GRID", str(FIXTURE))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    notebook = nbformat.read(ROOT / "notebooks" / "pipeline.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=300, resources={"metadata": {"path": str(tmp_path)}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "6 jobs" in text and "sed" in text
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 3  # the three figures
+    assert sorted(p.stat().st_mtime_ns for p in FIXTURE.rglob("*")) == before  # read only
