@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import warnings
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from sedsft.metrics import (
     PassAtK,
     SelfBLEU,
     TokenEntropy,
+    UndefinedMetricWarning,
     diversity_and_accuracy,
 )
 from sedsft.metrics.distinct import ngram_hashes
@@ -48,16 +51,40 @@ def test_distinct_corpus_counts_repeats_across_prompts():
 
 
 def test_distinct_short_and_empty_texts():
-    # n longer than every text: no n-gram at all -> 0.0 by definition
-    assert value(DistinctN(3), [["a b", ""]]) == 0.0
-    assert value(DistinctN(3, pooling="prompt"), [["a b", ""]]) == 0.0
     # the empty generation adds nothing: "a a" -> 1 unique / 2
     assert value(DistinctN(1), [["", "a a"]]) == pytest.approx(0.5)
-    # prompt 0 has no trigram and is skipped: prompt 1 gives {abc} / 2 -> 0.5, not 0.25
-    groups = [["a b"], ["a b c", "a b c"]]
-    assert value(DistinctN(3, pooling="prompt"), groups) == pytest.approx(0.5)
-    assert value(DistinctN(3), groups) == pytest.approx(0.5)
-    assert value(DistinctN(1), []) == 0.0
+    # corpus pooling counts what there is: {abc} / 2
+    assert value(DistinctN(3), [["a b"], ["a b c", "a b c"]]) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("pooling", ["corpus", "prompt"])
+@pytest.mark.parametrize("groups", [[["a b", ""]], [], [[]]], ids=["too_short", "no_groups", "empty_group"])
+def test_distinct_without_ngrams_is_nan_not_zero(pooling, groups):
+    # n longer than every text (or no text): nothing to measure. 0.0 would read as
+    # "every n-gram repeated", the least diverse value there is.
+    with pytest.warns(UndefinedMetricWarning, match="distinct-3 is undefined: no generation has 3 or more tokens"):
+        assert math.isnan(value(DistinctN(3, pooling=pooling), groups))
+
+
+def test_distinct_per_prompt_mean_skips_prompts_without_ngrams_and_counts_them():
+    # prompt 0 has no trigram: left out, so prompt 1 alone gives {abc} / 2 = 0.5 (not 0.25)
+    metric = DistinctN(3, pooling="prompt")
+    metric.update([["a b"], ["a b c", "a b c"]])
+    with pytest.warns(UndefinedMetricWarning, match="1 of 2 prompts have no 3-gram"):
+        assert float(metric.compute()) == pytest.approx(0.5)
+    assert int(metric.skipped) == 1 and int(metric.groups) == 1
+    # shards merge their counts (DDP sums the state)
+    shard, other = DistinctN(3, pooling="prompt"), DistinctN(3, pooling="prompt")
+    shard.update([["a b"], ["a b c", "a b c"]])
+    other.update([["x"], ["y z"], ["a b c d"]])  # two more without a trigram; abc bcd -> 1.0
+    shard.merge_state(other)
+    assert int(shard.skipped) == 3
+    with pytest.warns(UndefinedMetricWarning, match="3 of 5 prompts"):
+        assert float(shard.compute()) == pytest.approx((0.5 + 1.0) / 2)
+    # corpus pooling has no per-prompt mean and skips nothing
+    corpus = DistinctN(3)
+    corpus.update([["a b"], ["a b c"]])
+    assert int(corpus.skipped) == 0
 
 
 def test_distinct_identical_vs_all_different():
@@ -190,16 +217,50 @@ def test_self_bleu_identical_different_short_groups_and_averaging():
     assert value(SelfBLEU(), [["one two three four"] * 3]) == pytest.approx(100.0)
     assert value(SelfBLEU(), [["a b c", "d e f", "g h i"]]) == pytest.approx(0.0)
     # the single-sample group is skipped, not counted as 0
-    assert value(SelfBLEU(n_gram=2), [["only"], ["a b c d", "a b c e"]]) == pytest.approx(
-        100 * math.sqrt(0.5), abs=1e-3
-    )
+    with pytest.warns(UndefinedMetricWarning, match="1 of 2 prompts"):
+        assert value(SelfBLEU(n_gram=2), [["only"], ["a b c d", "a b c e"]]) == pytest.approx(
+            100 * math.sqrt(0.5), abs=1e-3
+        )
     # mean over prompts: (70.71 + 100) / 2
     groups = [["a b c d", "a b c e"], ["x y z", "x y z"]]
     assert value(SelfBLEU(n_gram=2), groups) == pytest.approx(
         (100 * math.sqrt(0.5) + 100) / 2, abs=1e-3
     )
     assert value(SelfBLEU(), [["", "a b"]]) == 0.0  # empty sample: no n-grams, score 0
-    assert value(SelfBLEU(), [["lonely"]]) == 0.0  # nothing scored
+
+
+@pytest.mark.parametrize("groups", [[["lonely"]], [["one"], ["two"]], [[]], []], ids=["one", "two_prompts", "empty", "none"])
+def test_self_bleu_with_fewer_than_two_samples_is_nan_not_maximally_diverse(groups):
+    # one sample has no sibling to be compared with: undefined, not 0.0 ("maximally diverse")
+    with pytest.warns(UndefinedMetricWarning, match="self-BLEU is undefined: no prompt has two or more samples"):
+        assert math.isnan(value(SelfBLEU(), groups))
+
+
+def test_self_bleu_skips_single_sample_prompts_and_counts_them():
+    metric = SelfBLEU(n_gram=2)
+    metric.update([["only"], ["a b c d", "a b c e"], []])
+    # the two undefined prompts are left out of the mean: 70.71 from the one scored prompt
+    with pytest.warns(UndefinedMetricWarning, match="2 of 3 prompts have fewer than two samples"):
+        assert float(metric.compute()) == pytest.approx(100 * math.sqrt(0.5), abs=1e-3)
+    assert int(metric.skipped) == 2 and int(metric.groups) == 1
+    shard, other = SelfBLEU(n_gram=2), SelfBLEU(n_gram=2)
+    shard.update([["only"], ["a b c d", "a b c e"]])
+    other.update([["x"], ["x y z", "x y z"]])
+    shard.merge_state(other)
+    assert (int(shard.skipped), int(shard.groups)) == (2, 2)
+    with pytest.warns(UndefinedMetricWarning, match="2 of 4 prompts"):
+        assert float(shard.compute()) == pytest.approx((100 * math.sqrt(0.5) + 100) / 2, abs=1e-3)
+
+
+def test_undefined_metric_warns_once_per_message():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's filter outside pytest
+        for _ in range(3):  # e.g. three validations with one sample per prompt
+            assert math.isnan(value(SelfBLEU(), [["lonely"]]))
+            assert math.isnan(value(DistinctN(4), [["a b"]]))
+    messages = [str(w.message) for w in caught if issubclass(w.category, UndefinedMetricWarning)]
+    assert len(messages) == 2
+    assert messages[0].startswith("self-BLEU is undefined") and messages[1].startswith("distinct-4 is undefined")
 
 
 def test_self_bleu_tokenisation():
@@ -331,6 +392,7 @@ def test_pass_at_k_reset_and_merge():
 # -------------------------------------------------------------------------- one-call helper
 
 
+@pytest.mark.filterwarnings("ignore::sedsft.metrics.UndefinedMetricWarning")
 def test_diversity_and_accuracy():
     groups = [
         ["so \\boxed{4}", "so \\boxed{5}", "thus \\boxed{4}"],
@@ -339,8 +401,14 @@ def test_diversity_and_accuracy():
     out = diversity_and_accuracy(groups, ["4", "1000"], k=2)
     expected_keys = {f"distinct_{n}{s}" for n in range(1, 5) for s in ("", "_prompt")}
     expected_keys |= {"self_bleu", "pass@1", "pass@2", "avg@2"}
+    # texts of one or two words: prompt 1 has no bigram, no text has a trigram
+    expected_keys |= {f"distinct_{n}_prompt_skipped" for n in (2, 3, 4)}
     assert set(out) == expected_keys
     assert all(isinstance(v, float) for v in out.values())
+    assert (out["distinct_2"], out["distinct_2_prompt"], out["distinct_2_prompt_skipped"]) == (1.0, 1.0, 1.0)
+    for n in (3, 4):
+        assert math.isnan(out[f"distinct_{n}"]) and math.isnan(out[f"distinct_{n}_prompt"])
+        assert out[f"distinct_{n}_prompt_skipped"] == 2.0
     # correct: [1, 0, 1], [1, 0, 0]; avg = (2/3 + 1/3) / 2; pass@2 = (1 + (1 - C(2,2)/C(3,2))) / 2
     assert out["avg@2"] == pytest.approx(0.5)
     assert out["pass@1"] == pytest.approx(0.5)
@@ -352,3 +420,28 @@ def test_diversity_and_accuracy():
     assert "pass@2" not in no_gold and no_gold["self_bleu"] == out["self_bleu"]
     with pytest.raises(ValueError, match="gold"):
         diversity_and_accuracy(groups, ["4"], k=2)
+
+
+@pytest.mark.filterwarnings("ignore::sedsft.metrics.UndefinedMetricWarning")
+def test_diversity_and_accuracy_with_one_sample_per_prompt():
+    out = diversity_and_accuracy([["a b"], ["a b c"]], ["1", "2"], k=1)
+    # unigrams a b a b c: 3 unique / 5; per prompt 2/2 and 3/3
+    assert out["distinct_1"] == pytest.approx(3 / 5)
+    assert out["distinct_1_prompt"] == pytest.approx(1.0)
+    # bigrams ab ab bc: 2 / 3; per prompt 1/1 and 2/2
+    assert out["distinct_2"] == pytest.approx(2 / 3)
+    assert out["distinct_2_prompt"] == pytest.approx(1.0)
+    # one trigram (abc): prompt 0 has none and is left out of the per-prompt mean
+    assert out["distinct_3"] == pytest.approx(1.0)
+    assert out["distinct_3_prompt"] == pytest.approx(1.0)
+    assert out["distinct_3_prompt_skipped"] == 1.0
+    # no 4-gram at all, and no prompt with two samples for self-BLEU: undefined
+    assert math.isnan(out["distinct_4"]) and math.isnan(out["distinct_4_prompt"])
+    assert out["distinct_4_prompt_skipped"] == 2.0
+    assert math.isnan(out["self_bleu"]) and out["self_bleu_skipped"] == 2.0
+    assert out["pass@1"] == 0.0 and out["avg@1"] == 0.0
+    skipped = {key for key in out if key.endswith("_skipped")}
+    assert skipped == {"distinct_3_prompt_skipped", "distinct_4_prompt_skipped", "self_bleu_skipped"}
+    # metrics.json is written with json.dumps: NaN survives the round trip
+    back = json.loads(json.dumps(out, sort_keys=True))
+    assert math.isnan(back["self_bleu"]) and back["distinct_2"] == out["distinct_2"]

@@ -7,6 +7,11 @@
 - :func:`extract_boxed`, :func:`is_correct`, :func:`answers_correct` -- answer checking.
 
 :func:`diversity_and_accuracy` computes the usual set in one call.
+
+Where a metric has nothing to measure it is NaN, not a number that reads as a result:
+self-BLEU with fewer than two samples per prompt, distinct-n with no n-gram. Each warns
+once (:class:`UndefinedMetricWarning`); means over prompts leave the undefined prompts out
+and count them (``skipped`` state, ``*_skipped`` keys of :func:`diversity_and_accuracy`).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from sedsft.metrics.answers import answers_correct, extract_boxed, is_correct
-from sedsft.metrics.distinct import DistinctN, Tokenizer
+from sedsft.metrics.distinct import DistinctN, Tokenizer, UndefinedMetricWarning
 from sedsft.metrics.pass_at_k import AvgAtK, PassAtK
 from sedsft.metrics.self_bleu import SelfBLEU
 from sedsft.metrics.token_entropy import TokenEntropy
@@ -25,6 +30,7 @@ __all__ = [
     "PassAtK",
     "SelfBLEU",
     "TokenEntropy",
+    "UndefinedMetricWarning",
     "answers_correct",
     "diversity_and_accuracy",
     "extract_boxed",
@@ -52,6 +58,10 @@ def diversity_and_accuracy(
         ``distinct_{n}`` (corpus pooling) and ``distinct_{n}_prompt`` for n = 1..4,
         ``self_bleu`` (0..100); with golds also ``pass@1``, ``pass@{k}``, ``avg@{k}``
         (0..1). pass@1 and avg@k agree when every prompt has the same number of samples.
+        A diversity value with nothing to measure is NaN (self-BLEU with one sample per
+        prompt, distinct-n without an n-gram). When a per-prompt mean left prompts out
+        (fewer than two samples; no n-gram) the number left out is added as
+        ``self_bleu_skipped`` / ``distinct_{n}_prompt_skipped``.
     """
     out: dict[str, float] = {}
     for n in range(1, 5):
@@ -59,9 +69,13 @@ def diversity_and_accuracy(
             metric = DistinctN(n, pooling=pooling, tokenizer=tokenizer)
             metric.update(groups)
             out[f"distinct_{n}{suffix}"] = float(metric.compute())
+            if metric.skipped:
+                out[f"distinct_{n}{suffix}_skipped"] = float(metric.skipped)
     self_bleu = SelfBLEU(tokenizer=tokenizer)
     self_bleu.update(groups)
     out["self_bleu"] = float(self_bleu.compute())
+    if self_bleu.skipped:
+        out["self_bleu_skipped"] = float(self_bleu.skipped)
 
     if golds is not None:
         if len(golds) != len(groups):

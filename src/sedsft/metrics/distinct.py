@@ -12,6 +12,11 @@ with ``.encode`` (a Hugging Face tokenizer; it is called with
 the boundary between two generations; a text with fewer than ``n`` tokens (the empty
 generation included) contributes no n-grams.
 
+Undefined values: with no n-gram at all there is nothing to measure, and ``compute()``
+returns NaN with an :class:`UndefinedMetricWarning` (not 0.0, which would read as "every
+n-gram repeated"). The per-prompt mean leaves out the prompts without an n-gram and counts
+them in ``skipped``.
+
 N-grams are stored as 64-bit hashes computed from a fixed hash function (blake2b per
 token, splitmix64 to chain them), so the ids agree across processes and the corpus
 set can be rebuilt exactly under DDP. The chance of any collision among N distinct
@@ -21,6 +26,7 @@ n-grams is about N^2 / 2^65, i.e. negligible for any corpus we evaluate.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any, Literal
@@ -35,6 +41,20 @@ Tokenizer = Any
 
 _MASK64 = (1 << 64) - 1
 _CONSOLIDATE_EVERY = 64  # updates between merges of the stored n-gram id chunks
+
+
+class UndefinedMetricWarning(UserWarning):
+    """A metric had nothing to measure (it returns NaN) or left prompts out of its mean.
+
+    Python shows each distinct message once per place it is raised from (the default
+    warning filter), so a metric computed at every validation warns once, not every time.
+    """
+
+
+def warn_undefined(message: str) -> None:
+    """Issue an :class:`UndefinedMetricWarning` (from one fixed place per metric, so the
+    default filter's once-per-location rule applies)."""
+    warnings.warn(message, UndefinedMetricWarning, stacklevel=2)
 
 
 def split_tokens(text: str, tokenizer: Tokenizer | None = None) -> list[str | int]:
@@ -104,9 +124,10 @@ class DistinctN(Metric):
     - ``pooling="corpus"``: one ratio over all n-grams of all generations of all
       prompts seen (the set is global, so repeats across prompts count as repeats).
     - ``pooling="prompt"``: the ratio within each prompt's group, averaged over
-      prompts; a group with no n-gram at all (every text shorter than ``n``) is skipped.
+      prompts; a group with no n-gram at all (every text shorter than ``n``) is undefined,
+      left out of the mean and counted in ``skipped`` (with a warning at ``compute()``).
 
-    ``compute()`` returns 0.0 when no n-gram has been seen.
+    ``compute()`` returns NaN (and warns) when there is no n-gram to measure.
 
     DDP: corpus pooling keeps the (locally de-duplicated) n-gram ids as a ``cat`` state
     and counts the set after gathering; totals and per-prompt sums are ``sum`` states.
@@ -141,6 +162,8 @@ class DistinctN(Metric):
             self.add_state(
                 "groups", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum"
             )
+        # prompts left out of the per-prompt mean (no n-gram); always 0 for corpus pooling
+        self.add_state("skipped", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, groups: Sequence[Sequence[str]]) -> None:
         """Add generations; ``groups[i]`` holds the samples for prompt ``i``."""
@@ -159,23 +182,38 @@ class DistinctN(Metric):
         else:
             for h in per_group:
                 if h.size == 0:
+                    self.skipped += 1
                     continue
                 self.ratio_sum += np.unique(h).size / h.size
                 self.groups += 1
 
     def compute(self) -> torch.Tensor:
-        """distinct-n as a float tensor in [0, 1]; 0.0 when there is no n-gram."""
+        """distinct-n as a float tensor in [0, 1]; NaN (with a warning) when there is no
+        n-gram to measure."""
         if self.pooling == "prompt":
+            if self.skipped and self.groups:
+                warn_undefined(
+                    f"distinct-{self.n} per prompt: {int(self.skipped)} of "
+                    f"{int(self.skipped + self.groups)} prompts have no {self.n}-gram (every "
+                    "sample shorter than n) and are left out of the mean"
+                )
             if self.groups == 0:
-                return torch.tensor(0.0, device=self.device)
+                return self._undefined()
             return (self.ratio_sum / self.groups).float()
         if self.total == 0:
-            return torch.tensor(0.0, device=self.device)
+            return self._undefined()
         ids = self.ngram_ids
         ids = dim_zero_cat(ids) if isinstance(ids, list) else ids
         return torch.tensor(
             torch.unique(ids).numel() / int(self.total), dtype=torch.float32, device=self.device
         )
+
+    def _undefined(self) -> torch.Tensor:
+        warn_undefined(
+            f"distinct-{self.n} is undefined: no generation has {self.n} or more tokens, so "
+            "there is no n-gram to count; returning NaN"
+        )
+        return torch.tensor(float("nan"), device=self.device)
 
     def _sync_dist(self, dist_sync_fn: Callable | None = None, process_group: Any = None) -> None:
         # torchmetrics fills an empty cat-state with a float tensor on a rank that saw no

@@ -21,9 +21,12 @@ output better than a whitespace split. With ``tokenizer`` given (see
 :func:`sedsft.metrics.distinct.split_tokens`), its tokens are joined by spaces and
 sacrebleu is told not to tokenise again (``tokenize="none"``).
 
-Edge cases: groups with fewer than two samples are skipped; an empty sample scores 0
-(no n-grams), also against an identical empty reference; ``compute()`` returns 0.0 when
-no group was scored.
+Edge cases: self-BLEU of a group with fewer than two samples is undefined (no sibling to
+compare with): such groups are left out of the mean over prompts and counted in
+``skipped``, and ``compute()`` returns NaN with an
+:class:`~sedsft.metrics.distinct.UndefinedMetricWarning` when no group was scored (0.0 would
+read as "maximally diverse"). An empty sample scores 0 (no n-grams), also against an
+identical empty reference.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from sacrebleu.metrics import BLEU
 from sacrebleu.metrics.helpers import extract_all_word_ngrams
 from torchmetrics import Metric
 
-from sedsft.metrics.distinct import Tokenizer, split_tokens
+from sedsft.metrics.distinct import Tokenizer, split_tokens, warn_undefined
 
 
 def make_bleu(n_gram: int = 4, tokenize: str = "13a") -> BLEU:
@@ -96,8 +99,9 @@ def self_bleu_scores(group: Sequence[str], bleu: BLEU) -> list[float]:
 class SelfBLEU(Metric):
     """Mean over prompts of the mean over samples of BLEU(sample ; other samples).
 
-    ``update(groups)`` takes one list of sampled texts per prompt. Scale 0..100.
-    DDP: the sum of per-prompt scores and the number of prompts are ``sum`` states.
+    ``update(groups)`` takes one list of sampled texts per prompt. Scale 0..100. Prompts
+    with fewer than two samples are undefined: left out of the mean, counted in ``skipped``.
+    DDP: the sum of per-prompt scores and the prompt counts are ``sum`` states.
     """
 
     is_differentiable = False
@@ -122,12 +126,15 @@ class SelfBLEU(Metric):
             "score_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum"
         )
         self.add_state("groups", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        # prompts left out of the mean: fewer than two samples
+        self.add_state("skipped", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, groups: Sequence[Sequence[str]]) -> None:
         """Add generations; ``groups[i]`` holds the samples for prompt ``i``."""
         bleu = make_bleu(self.n_gram, self.sacrebleu_tokenize)
         for group in groups:
             if len(group) < 2:
+                self.skipped += 1
                 continue
             if self.tokenizer is not None:
                 group = [" ".join(map(str, split_tokens(t, self.tokenizer))) for t in group]
@@ -136,7 +143,16 @@ class SelfBLEU(Metric):
             self.groups += 1
 
     def compute(self) -> torch.Tensor:
-        """self-BLEU in [0, 100]; 0.0 when no group had two samples."""
+        """self-BLEU in [0, 100]; NaN (with a warning) when no prompt had two samples."""
         if self.groups == 0:
-            return torch.tensor(0.0, device=self.device)
+            warn_undefined(
+                "self-BLEU is undefined: no prompt has two or more samples to compare; "
+                "returning NaN (sample more than one completion per prompt)"
+            )
+            return torch.tensor(float("nan"), device=self.device)
+        if self.skipped:
+            warn_undefined(
+                f"self-BLEU: {int(self.skipped)} of {int(self.skipped + self.groups)} prompts "
+                "have fewer than two samples and are left out of the mean"
+            )
         return (self.score_sum / self.groups).float()
