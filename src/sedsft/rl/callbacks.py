@@ -1,0 +1,192 @@
+"""Trainer callbacks of the RL stage: TensorBoard under ``rl/`` and held-out evaluation.
+
+TRL's ``GRPOTrainer`` already computes the GRPO diagnostics (``reward``, ``reward_std``,
+``frac_reward_zero_std`` = zero-variance groups, ``clip_ratio/{low,high,region}_mean``,
+``entropy``, ``completions/{mean,min,max}_length``, ``completions/clipped_ratio``, ``kl``,
+``grad_norm``, ``learning_rate``, ``step_time``); :class:`RLTensorBoard` writes every scalar
+of each log as ``rl/<TRL key>``. :class:`HeldoutEval` samples the held-out prompts with the
+project's evaluation (``sedsft.evaluation``) and writes ``rl/heldout/<metric>``: pass@1,
+pass@k, avg@k, distinct-n, self-BLEU, sampled entropy, mean length (and label entropy with
+a classifier), the same definitions as the SFT run's ``gen/*``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from sedsft.evaluation.evaluate import score_samples
+from sedsft.evaluation.sampling import Samples, sample_completions
+
+log = logging.getLogger(__name__)
+
+
+class RLTensorBoard(TrainerCallback):
+    """Writes every numeric entry of the trainer's logs to TensorBoard as ``rl/<key>``
+    (``rl/eval/<key>`` for TRL's ``eval_*`` keys), at the trainer's global step. Only the
+    main process writes."""
+
+    def __init__(self, log_dir: str | Path):
+        self.log_dir = Path(log_dir)
+        self._writer = None
+
+    @property
+    def writer(self):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.log_dir))
+        return self._writer
+
+    def scalars(self, values: dict[str, Any], step: int, prefix: str = "rl/") -> None:
+        for key, value in values.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                continue
+            name = f"eval/{key[len('eval_'):]}" if key.startswith("eval_") else key
+            self.writer.add_scalar(prefix + name, value, step)
+        self.writer.flush()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self.scalars(logs, state.global_step)
+
+    def close(self) -> None:
+        """Called by the run once training ended (the held-out evaluation of ``on_train_end``
+        runs after this callback's own ``on_train_end`` and still writes)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class HeldoutEval(TrainerCallback):
+    """Samples ``num_samples`` completions for each held-out prompt and scores them, before
+    the first update (``before``), every ``every_n_steps`` updates, and after the last.
+
+    Under several processes each samples an equal share of the prompts inside TRL's
+    generation context (ZeRO-3 parameters gathered, FSDP-1 parameters summoned), the texts
+    are gathered and every process scores them; the main process writes TensorBoard.
+
+    Attributes:
+        history: ``(step, metrics)`` of every evaluation.
+        before: the metrics at step 0 (None when the run resumed past it).
+        seconds: time spent evaluating, to separate it from the update time.
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[list[dict[str, str]]],
+        golds: Sequence[str | None],
+        tokenizer: Any,
+        tensorboard: RLTensorBoard | None,
+        num_samples: int = 8,
+        every_n_steps: int = 0,
+        max_new_tokens: int = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        batch_size: int = 16,
+        seed: int = 0,
+        classify: Callable[[str], str] | None = None,
+    ):
+        if num_samples < 1 or every_n_steps < 0:
+            raise ValueError(f"heldout: num_samples must be >= 1 and every_n_steps >= 0, got {num_samples}, {every_n_steps}")
+        self.prompts, self.golds = list(prompts), list(golds)
+        self.tokenizer, self.tensorboard = tokenizer, tensorboard
+        self.num_samples, self.every_n_steps = num_samples, every_n_steps
+        self.sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "batch_size": batch_size}
+        self.seed, self.classify = seed, classify
+        self.trainer = None  # set by the caller once the trainer exists (for its accelerator)
+        self.history: list[tuple[int, dict[str, float]]] = []
+        self.before: dict[str, float] | None = None
+        self.seconds = 0.0
+
+    def evaluate(self, model, step: int) -> dict[str, float]:
+        """Sample and score the held-out prompts with ``model`` (the trainer's, wrapped or not)."""
+        start = time.perf_counter()
+        accelerator = getattr(self.trainer, "accelerator", None)
+        world = accelerator.num_processes if accelerator is not None else 1
+        rank = accelerator.process_index if accelerator is not None else 0
+        # equal shares (the last prompt repeated as padding): sharded models generate in lockstep
+        count = len(self.prompts)
+        padded = count + (-count) % world
+        indices = [min(i, count - 1) for i in range(rank, padded, world)]
+        # a forked RNG: the held-out sampling (seeded per step) leaves the rollouts' RNG as it was,
+        # so training does not depend on when or whether the evaluation runs
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices), self._generation_context(model) as unwrapped:
+            samples = sample_completions(
+                unwrapped, self.tokenizer, [self.prompts[i] for i in indices],
+                num_samples=self.num_samples, seed=self.seed + step * 1000 + rank, **self.sampling,
+            )  # fmt: skip
+        shard = [(i, t, n) for i, t, n in zip(indices, samples.texts, samples.num_tokens, strict=True)]
+        weight = sum(sum(n) for _, _, n in shard)
+        entropy = [(samples.entropy * weight, weight)]
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            shard, entropy = gather_object(shard), gather_object(entropy)
+        by_index = {}
+        for i, texts, num_tokens in shard:
+            by_index.setdefault(i, (texts, num_tokens))
+        ordered = [by_index[i] for i in range(count)]
+        total_weight = sum(w for _, w in entropy)
+        merged = Samples(
+            texts=[t for t, _ in ordered],
+            num_tokens=[n for _, n in ordered],
+            entropy=sum(e for e, _ in entropy) / total_weight if total_weight else 0.0,
+        )
+        metrics, _ = score_samples(merged, self.golds, self.num_samples, self.classify)
+        metrics["num_prompts"] = float(count)
+        self.seconds += time.perf_counter() - start
+        return metrics
+
+    @contextmanager
+    def _generation_context(self, model):
+        """``model`` ready to generate: unwrapped by TRL's helper (ZeRO-3 parameters gathered)
+        with FSDP-1 parameters summoned; the model itself when there is no trainer."""
+        if self.trainer is None:
+            yield model
+            return
+        from trl.distributed import DistributedBackend
+        from trl.models import unwrap_model_for_generation
+
+        trainer = self.trainer
+        with (
+            unwrap_model_for_generation(
+                trainer.model_wrapped, trainer.accelerator, gather_deepspeed3_params=trainer.args.ds3_gather_for_generation
+            ) as unwrapped,
+            DistributedBackend(trainer.accelerator).summon_full_params(trainer.model_wrapped, recurse=False),
+        ):
+            yield unwrapped
+
+    def _run(self, model, state) -> None:
+        step = state.global_step
+        if self.history and self.history[-1][0] == step:
+            return
+        metrics = self.evaluate(model, step)
+        self.history.append((step, metrics))
+        if step == 0:
+            self.before = metrics
+        if state.is_world_process_zero:
+            if self.tensorboard is not None:
+                self.tensorboard.scalars(metrics, step, prefix="rl/heldout/")
+            shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(("pass@", "avg@", "distinct_4", "self_bleu"))}
+            log.info("held-out evaluation at step %d: %s", step, shown)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0:
+            self._run(model, state)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every_n_steps and state.global_step % self.every_n_steps == 0:
+            self._run(model, state)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._run(model, state)

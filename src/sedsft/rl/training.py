@@ -1,0 +1,230 @@
+"""The RL run behind ``src/rl.py``: GRPO with TRL's ``GRPOTrainer`` on a policy from any
+SFT checkpoint, in a run directory shaped like an SFT run's.
+
+``logs/rl/runs/<timestamp>/``: ``.hydra/`` (resolved config), ``tensorboard/`` (``rl/*``),
+``checkpoints/checkpoint-<step>/`` (model, optimizer, scheduler, RNG and trainer state:
+``resume=<run dir>`` continues from the newest), ``hf/`` (``save_pretrained`` of the
+trained policy, loadable by ``AutoModelForCausalLM.from_pretrained``) and ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from trl import GRPOConfig, GRPOTrainer
+
+from sedsft.checkpoints import hf_directory, load_model, read_meta, save_hf
+from sedsft.rl.callbacks import HeldoutEval, RLTensorBoard
+from sedsft.rl.data import build_train_dataset, heldout_prompts
+
+log = logging.getLogger(__name__)
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+class SedsftGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` with verl's left truncation of prompts to ``max_prompt_length`` tokens
+    (TRL 1.16 has no prompt limit): the chat-templated prompt ids keep their last tokens.
+    The fraction of prompts cut is logged as ``prompts/truncated_frac``."""
+
+    def __init__(self, *args: Any, max_prompt_length: int | None = None, **kwargs: Any):
+        if max_prompt_length is not None and max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length must be >= 1 or null, got {max_prompt_length}")
+        self.max_prompt_length = max_prompt_length
+        super().__init__(*args, **kwargs)
+
+    def _tokenize_prompts(self, prompts: list):
+        prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
+        limit = self.max_prompt_length
+        if limit is not None and prompt_ids:
+            cut = sum(len(ids) > limit for ids in prompt_ids)
+            prompt_ids = [list(ids[-limit:]) for ids in prompt_ids]
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["prompts/truncated_frac"].append(cut / len(prompt_ids))
+        return prompt_ids, images, multimodal_fields
+
+
+def set_threads(threads: int | None) -> None:
+    """torch's CPU threads. GRPO alternates small generate and backward calls, which lose
+    the most to thread contention: with torch's default (all cores) next to another process
+    on 2 cores a step ran up to 25x slower than with 1 thread."""
+    if threads is not None:
+        if int(threads) < 1:
+            raise ValueError(f"threads must be >= 1 or null, got {threads}")
+        torch.set_num_threads(int(threads))
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint ``resume`` names: a ``checkpoint-<step>`` directory, or the newest one
+    under a run directory's ``checkpoints/`` (or under the directory itself)."""
+    path = Path(path)
+    if (path / "trainer_state.json").is_file():
+        return path
+    for folder in (path / "checkpoints", path):
+        found = [p for p in folder.glob("checkpoint-*") if CHECKPOINT_RE.match(p.name) and (p / "trainer_state.json").is_file()] if folder.is_dir() else []
+        if found:
+            return max(found, key=lambda p: int(CHECKPOINT_RE.match(p.name).group(1)))
+    raise FileNotFoundError(
+        f"resume={path}: no checkpoint-<step> directory with trainer_state.json there or in its checkpoints/; "
+        "pass an RL run directory or one of its checkpoints/checkpoint-<step>"
+    )
+
+
+def grpo_config(cfg: DictConfig, output_dir: Path) -> GRPOConfig:
+    """``trl.GRPOConfig`` from ``cfg.grpo`` (TRL's field names) with the run's checkpoint dir."""
+    fields = OmegaConf.to_container(cfg.grpo, resolve=True)
+    if "output_dir" in fields:
+        raise ValueError("grpo.output_dir is set by src/rl.py (the run's checkpoints/); set hydra.run.dir to move the run")
+    try:
+        return GRPOConfig(output_dir=str(output_dir / "checkpoints"), **fields)
+    except TypeError as err:
+        raise TypeError(f"grpo: {err}; the keys of grpo.* must be trl.GRPOConfig fields") from None
+    except ValueError as err:
+        raise ValueError(f"grpo: {err}") from None
+
+
+def shared_output_dir(output_dir: str) -> Path:
+    """The main process's run directory on every process: with ``accelerate launch`` each
+    process composes its own Hydra config and the timestamps may differ by a second."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        holder = [output_dir]
+        broadcast_object_list(holder, from_process=0)
+        if holder[0] != output_dir:
+            log.info("process %d writes into the main process's run directory %s", state.process_index, holder[0])
+        output_dir = holder[0]
+    return Path(output_dir)
+
+
+def export_policy(trainer: GRPOTrainer, tokenizer: Any, directory: Path, meta: dict) -> None:
+    """The trained policy as a Hugging Face directory (``sedsft.checkpoints.save_hf``),
+    its state gathered from every process first under FSDP / ZeRO-3."""
+    accelerator = trainer.accelerator
+    state_dict = None
+    if accelerator.num_processes > 1:
+        full = accelerator.get_state_dict(trainer.model_wrapped)  # collective: every process calls it
+        # save_hf takes a LightningModule-style state (keys under "model.")
+        state_dict = {f"model.{k}": v for k, v in (full or {}).items()}
+    if accelerator.is_main_process:
+        save_hf(accelerator.unwrap_model(trainer.model), tokenizer, directory, meta=meta, state_dict=state_dict)
+    accelerator.wait_for_everyone()
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """GRPO from ``cfg.policy``; returns the metrics written to ``metrics.json``."""
+    set_threads(cfg.get("threads"))
+    output_dir = shared_output_dir(cfg.paths.output_dir)
+    resume = find_checkpoint(cfg.resume) if cfg.get("resume") else None
+    policy = cfg.policy if not OmegaConf.is_missing(cfg, "policy") else None
+    if policy is None:
+        if resume is None:
+            raise ValueError("policy=??? : pass the SFT policy (run dir, HF dir, .ckpt) or resume=<RL run dir>")
+        policy = str(resume)  # a checkpoint-<step> directory is itself a Hugging Face directory
+    args = grpo_config(cfg, output_dir)
+
+    model, tokenizer = load_model(policy, dtype=cfg.get("policy_dtype", "auto"))
+    log.info("policy %s: %s, %.1fM parameters", policy, type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6)
+    train_set = build_train_dataset(cfg.data)
+    log.info("RL prompts: %d (%s)", len(train_set), cfg.data.train.get("_target_"))
+    reward_funcs = [hydra.utils.instantiate(spec) for spec in cfg.reward.funcs]
+    if not reward_funcs:
+        raise ValueError("reward.funcs is empty: GRPO needs at least one reward function")
+
+    tensorboard = RLTensorBoard(output_dir / "tensorboard")
+    callbacks: list = [tensorboard]
+    heldout = None
+    if cfg.heldout.enabled:
+        source = {"_target_": "sedsft.data.sources.LocalFileSource", "path": cfg.heldout.path} if cfg.heldout.path else cfg.data.get("val")
+        found = heldout_prompts(source, cfg.data.get("system_prompt"), cfg.heldout.num_prompts)
+        if found is None:
+            log.warning("no held-out prompts (data.val is null and heldout.path unset): rl/heldout/* is not logged")
+        else:
+            prompts, golds, name = found
+            classifier = cfg.heldout.get("sample_classifier")
+            heldout = HeldoutEval(
+                prompts, golds, tokenizer, tensorboard,
+                num_samples=cfg.heldout.num_samples, every_n_steps=cfg.heldout.every_n_steps,
+                max_new_tokens=cfg.heldout.max_new_tokens, temperature=cfg.heldout.temperature,
+                top_p=cfg.heldout.top_p, batch_size=cfg.heldout.batch_size, seed=cfg.seed,
+                classify=hydra.utils.get_method(classifier) if classifier else None,
+            )  # fmt: skip
+            callbacks.append(heldout)
+            log.info("held-out evaluation: %d prompts of %s x %d samples", len(prompts), name, cfg.heldout.num_samples)
+
+    trainer = SedsftGRPOTrainer(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=args,
+        train_dataset=train_set,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        max_prompt_length=cfg.get("max_prompt_length"),
+    )
+    if heldout is not None:
+        heldout.trainer = trainer
+    start = time.perf_counter()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    finally:
+        tensorboard.close()
+    wall = time.perf_counter() - start
+
+    meta = {
+        **read_meta(hf_directory(policy) or ""),
+        "stage": "rl",
+        "algorithm": "grpo",
+        "policy": str(policy),
+        "rl_steps": trainer.state.global_step,
+    }
+    export_policy(trainer, tokenizer, output_dir / "hf", meta)
+    metrics = run_metrics(trainer, heldout, result.metrics, wall, resume)
+    if trainer.accelerator.is_main_process:
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        log.info("wrote %s and %s", output_dir / "hf", output_dir / "metrics.json")
+    return metrics
+
+
+def run_metrics(
+    trainer: GRPOTrainer, heldout: HeldoutEval | None, train_metrics: dict, wall: float, resume: Path | None
+) -> dict[str, float]:
+    """``metrics.json``: held-out metrics before (``heldout_before/*``) and after
+    (``heldout/*``), the last logged value of every TRL scalar (``rl/*``), and timing
+    (``seconds_per_step`` leaves the held-out sampling out)."""
+    state = trainer.state
+    first_step = find_step(resume) if resume else 0
+    steps = state.global_step - first_step
+    heldout_seconds = heldout.seconds if heldout else 0.0
+    out: dict[str, float] = {
+        "global_step": float(state.global_step),
+        "steps_this_run": float(steps),
+        "wall_seconds": wall,
+        "heldout_seconds": heldout_seconds,
+        "seconds_per_step": (wall - heldout_seconds) / steps if steps else float("nan"),
+    }
+    for entry in state.log_history:
+        for key, value in entry.items():
+            if isinstance(value, int | float) and not isinstance(value, bool) and key not in ("step", "epoch"):
+                out[f"rl/{key}"] = float(value)
+    out.update({f"rl/{k}": float(v) for k, v in train_metrics.items() if isinstance(v, int | float)})
+    if heldout is not None:
+        if heldout.before is not None:
+            out.update({f"heldout_before/{k}": v for k, v in heldout.before.items()})
+        if heldout.history:
+            out.update({f"heldout/{k}": v for k, v in heldout.history[-1][1].items()})
+    return out
+
+
+def find_step(checkpoint: Path) -> int:
+    match = CHECKPOINT_RE.match(Path(checkpoint).name)
+    return int(match.group(1)) if match else 0
