@@ -1,7 +1,14 @@
-"""Evaluate a trained model: ``python src/eval.py ckpt=<run dir | HF dir | .ckpt> data=<set>``.
+"""Evaluate a trained model.
 
-Samples ``num_samples`` completions per prompt, prints diversity and accuracy, and writes
-``metrics.json`` and ``samples.jsonl`` into the evaluation's run directory.
+    python src/eval.py ckpt=<run | HF dir | .ckpt> benchmark=paper_math8   # the paper's eight, Table 1
+    python src/eval.py ckpt=<...> benchmark=aime24 num_samples=8
+    python src/eval.py ckpt=<...> benchmark=gsm8k backend=vllm            # on a GPU
+    python src/eval.py ckpt=<...> data=local data.path=<file>             # any eval file
+    python src/eval.py ckpt=<...> benchmark=paper_math8 resume=<eval run dir>
+
+Samples completions per prompt, prints accuracy and diversity tables, and writes
+``metrics.json`` and ``samples.jsonl`` (per benchmark: ``<name>/samples.jsonl``) into the
+evaluation's run directory (``sedsft.evaluation.run``).
 """
 
 import os

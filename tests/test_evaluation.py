@@ -18,7 +18,7 @@ from conftest import ROOT, compose_config
 from sedsft.checkpoints import load_model
 from sedsft.evaluation.evaluate import label_diversity, score_samples
 from sedsft.evaluation.run import eval_prompts, evaluate
-from sedsft.evaluation.sampling import EntropyTracker, Samples, sample_completions
+from sedsft.evaluation.sampling import EntropyTracker, Samples, plan_batches, sample_completions
 from sedsft.sft.training import train
 
 RL_SAMPLE = ROOT / "tests" / "fixtures" / "math_dapo_rl_sample.parquet"  # first 12 rows of the file below
@@ -95,6 +95,37 @@ def test_sampling_is_batched_seeded_and_restores_model_and_tokenizer(trained_run
     assert all(1 <= n <= 10 for group in first.num_tokens for n in group)
     assert first.texts == again.texts and first.entropy == again.entropy > 0.0
     assert model.training and tokenizer.padding_side == "right"
+
+
+def test_plan_batches_by_count_and_by_token_budget():
+    lengths = [50, 10, 30, 200, 20]
+    # no budget: batch_size prompts per call, in the given order
+    assert plan_batches(lengths, 4, 10, 2) == [[(0, 4), (1, 4)], [(2, 4), (3, 4)], [(4, 4)]]
+    # budget 500: sorted 10, 20, 30, 50, 200; a call holds n prompts x 4 rows x (longest + 10)
+    # 1 x 4 x 20 = 80, 2 x 4 x 30 = 240, 3 x 4 x 40 = 480 <= 500; 4 x 4 x 60 = 960 > 500
+    # then 50 alone (240); 200 alone costs 4 x 210 = 840 > 500: split into 500 // 210 = 2 rows per call
+    assert plan_batches(lengths, 4, 10, 16, 500) == [
+        [(1, 4), (4, 4), (2, 4)],
+        [(0, 4)],
+        [(3, 2)],
+        [(3, 2)],
+    ]
+    # a budget below one row still samples, one row per call
+    assert plan_batches([100], 3, 10, 16, 50) == [[(0, 1)], [(0, 1)], [(0, 1)]]
+    # batch_size still caps the prompts per call
+    assert plan_batches([5, 5, 5], 1, 5, 2, 10_000) == [[(0, 1), (1, 1)], [(2, 1)]]
+
+
+def test_token_budget_splits_samples_and_keeps_per_sample_entropy(trained_run):
+    """A budget below one prompt's k rows: the samples come in several generate calls and in
+    prompt order; every sample's entropy is summed over exactly its generated tokens."""
+    model, tokenizer = load_model(str(trained_run))
+    prompts = [[{"role": "user", "content": f"What is {a} + 3? Think it through."}] for a in (2, 5)]
+    samples = sample_completions(model, tokenizer, prompts, num_samples=3, max_new_tokens=6, seed=0, max_batch_tokens=40)
+    assert [len(group) for group in samples.texts] == [3, 3]
+    assert samples.entropy_counts == samples.num_tokens
+    total = sum(map(sum, samples.entropy_sums)) / sum(map(sum, samples.entropy_counts))
+    assert samples.entropy == pytest.approx(total) and total > 0
 
 
 def test_sampling_warns_when_prompts_overrun_the_context(trained_run, caplog):

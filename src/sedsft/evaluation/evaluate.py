@@ -14,7 +14,9 @@ from sedsft.evaluation.sampling import Samples, sample_completions
 from sedsft.metrics import AvgAtK, PassAtK, answers_correct, diversity_and_accuracy
 
 
-def label_diversity(groups: Sequence[Sequence[str]], classify: Callable[[str], str]) -> dict[str, float]:
+def label_diversity(
+    groups: Sequence[Sequence[str]], classify: Callable[[str], str]
+) -> dict[str, float]:
     """Diversity of a discrete label of each sample (e.g. the toy set's solution style):
     ``label_entropy`` (nats) of the labels pooled over all samples, and
     ``labels_per_prompt``, the mean number of distinct labels among a prompt's samples."""
@@ -28,26 +30,41 @@ def label_diversity(groups: Sequence[Sequence[str]], classify: Callable[[str], s
     return out
 
 
+def pass_at_k_curve(num_samples: int) -> list[int]:
+    """The ``k`` of a pass@k curve for ``num_samples`` samples per prompt: powers of two up
+    to ``num_samples``, and ``num_samples`` itself (8 -> [1, 2, 4, 8]; 6 -> [1, 2, 4, 6])."""
+    ks = [1 << i for i in range(num_samples.bit_length()) if (1 << i) <= num_samples]
+    return ks if ks[-1] == num_samples else [*ks, num_samples]
+
+
 def score_samples(
     samples: Samples,
     golds: Sequence[str | None],
     k: int,
     classify: Callable[[str], str] | None = None,
+    correct: Sequence[Sequence[bool | None]] | None = None,
+    curve: bool = False,
 ) -> tuple[dict[str, float], list[list[bool | None]]]:
     """Every metric of the evaluation for already-sampled completions, and per-sample
     correctness (None where the prompt has no gold answer).
 
-    Diversity covers all prompts; pass@1, pass@k and avg@k the prompts with a gold answer;
-    ``classify`` (text -> label) adds ``label_diversity``.
+    Diversity covers all prompts; pass@1, pass@k and avg@k the prompts with a gold answer
+    (``curve``: pass@j at every j of ``pass_at_k_curve(k)``); ``classify`` (text -> label)
+    adds ``label_diversity``. ``correct``: per-sample correctness already computed (e.g.
+    while sampling), else checked here.
     """
     metrics = diversity_and_accuracy(samples.texts, None, k)
-    correct = [
-        answers_correct(group, [gold] * len(group)) if gold is not None else [None] * len(group)
-        for group, gold in zip(samples.texts, golds, strict=True)
-    ]
+    if correct is None:
+        correct = [
+            answers_correct(group, [gold] * len(group)) if gold is not None else [None] * len(group)
+            for group, gold in zip(samples.texts, golds, strict=True)
+        ]
+    correct = [list(c) for c in correct]
     scored = [c for c, gold in zip(correct, golds, strict=True) if gold is not None]
     if scored:
-        for name, metric in (("pass@1", PassAtK(1)), (f"pass@{k}", PassAtK(k)), (f"avg@{k}", AvgAtK())):
+        ks = pass_at_k_curve(k) if curve else sorted({1, k})
+        named = [(f"pass@{j}", PassAtK(j)) for j in ks] + [(f"avg@{k}", AvgAtK())]
+        for name, metric in named:
             metric.update(scored)
             metrics[name] = float(metric.compute())
     if classify is not None:

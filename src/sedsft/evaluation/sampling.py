@@ -1,10 +1,19 @@
-"""Batched sampling of ``k`` completions per prompt with Hugging Face ``generate``."""
+"""Batched sampling of ``k`` completions per prompt with Hugging Face ``generate``.
+
+Memory: ``generate`` expands every prompt to its ``k`` rows before the prefill, and a batch
+is left-padded to its longest prompt, so one call costs about
+``rows x (longest prompt + max_new_tokens)`` tokens of activations and KV cache. Given
+``max_batch_tokens``, prompts are sorted by length and grouped so that no call exceeds that
+budget (one prompt whose ``k`` rows alone exceed it is sampled in several calls). Without it,
+``batch_size`` prompts go into each call in their given order: the same number of calls on
+every rank, which sharded models (ZeRO-3, FSDP) generating in lockstep rely on.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
@@ -18,28 +27,41 @@ class EntropyTracker(LogitsProcessor):
     at every sampled position of unfinished sequences; passes the scores on unchanged.
 
     Custom processors run before temperature / top-p, so this is the model's entropy,
-    not the truncated sampling distribution's. Nothing ``[steps, B, V]``-sized is kept.
+    not the truncated sampling distribution's. Nothing ``[steps, B, V]``-sized is kept:
+    besides the running total, only per-row sums and counts (``[B]``, for the current call).
     """
 
     def __init__(self, stop_ids: Sequence[int]):
         self.stop_ids = torch.tensor(sorted(set(stop_ids)))
         self.total = 0.0
         self.count = 0
+        self.row_sums: torch.Tensor | None = None  # [B] summed entropy of each row, this call
+        self.row_counts: torch.Tensor | None = None  # [B] positions counted per row, this call
         self._done: torch.Tensor | None = None
         self._prompt_length = 0
 
     def start(self, prompt_length: int) -> None:
         self._done, self._prompt_length = None, prompt_length
+        self.row_sums = self.row_counts = None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if self._done is None:
             self._done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            self.row_sums = torch.zeros(
+                input_ids.shape[0], dtype=torch.float64, device=input_ids.device
+            )
+            self.row_counts = torch.zeros(
+                input_ids.shape[0], dtype=torch.long, device=input_ids.device
+            )
         elif input_ids.shape[1] > self._prompt_length:
             self._done |= torch.isin(input_ids[:, -1], self.stop_ids.to(input_ids.device))
         log_p = torch.log_softmax(scores.float(), dim=-1)
         entropy = -(log_p.exp() * log_p).nan_to_num().sum(-1)
         active = ~self._done
-        self.total += float(entropy[active].sum())
+        entropy = torch.where(active, entropy, torch.zeros_like(entropy))
+        self.row_sums += entropy.double()
+        self.row_counts += active.long()
+        self.total += float(entropy.sum())
         self.count += int(active.sum())
         return scores
 
@@ -53,10 +75,81 @@ class Samples:
     texts: list[list[str]]  # texts[i][j]: sample j of prompt i
     num_tokens: list[list[int]]  # generated tokens of each sample
     entropy: float  # mean predictive entropy at sampled positions (nats)
+    # per sample, when known: summed entropy over its sampled positions, and their number
+    entropy_sums: list[list[float]] | None = None
+    entropy_counts: list[list[int]] | None = None
+
+
+@dataclass
+class PromptSamples:
+    """The ``k`` samples of one prompt, as a backend hands them over."""
+
+    texts: list[str] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)  # generated tokens, stop token included
+    entropy_sums: list[float | None] = field(default_factory=list)  # None: backend cannot tell
+    entropy_counts: list[int] = field(default_factory=list)
+
+
+def plan_batches(
+    lengths: Sequence[int],
+    num_samples: int,
+    max_new_tokens: int,
+    batch_size: int,
+    max_batch_tokens: int | None = None,
+) -> list[list[tuple[int, int]]]:
+    """Generate calls as lists of ``(prompt index, rows)``; every call gives all its prompts
+    the same number of rows (``num_return_sequences``).
+
+    Without ``max_batch_tokens``: ``batch_size`` prompts per call in the given order. With it:
+    prompts sorted by length (shortest first, ties by index), at most ``batch_size`` per call,
+    and ``prompts x num_samples x (longest prompt + max_new_tokens) <= max_batch_tokens``;
+    a prompt over budget on its own gets ``max_batch_tokens // (length + max_new_tokens)``
+    rows per call (at least 1).
+    """
+    if max_batch_tokens is None:
+        order = list(range(len(lengths)))
+        return [
+            [(i, num_samples) for i in order[s : s + batch_size]]
+            for s in range(0, len(order), batch_size)
+        ]
+    calls: list[list[tuple[int, int]]] = []
+    current: list[tuple[int, int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (lengths[i], i)):
+        cost = lengths[i] + max_new_tokens  # tokens of one row; the longest in ``current`` so far
+        if num_samples * cost > max_batch_tokens:
+            if current:
+                calls.append(current)
+                current = []
+            rows = max(1, max_batch_tokens // cost)
+            calls += [[(i, min(rows, num_samples - s))] for s in range(0, num_samples, rows)]
+            continue
+        if current and (
+            len(current) + 1 > batch_size
+            or (len(current) + 1) * num_samples * cost > max_batch_tokens
+        ):
+            calls.append(current)
+            current = []
+        current.append((i, num_samples))
+    if current:
+        calls.append(current)
+    return calls
+
+
+def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
+
+
+def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[dict]]) -> list[str]:
+    """Chat prompts as text: the tokenizer's chat template with the generation prompt."""
+    return [
+        tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
 
 
 @torch.no_grad()
-def sample_completions(
+def iter_samples(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[list[dict]],
@@ -66,31 +159,46 @@ def sample_completions(
     top_p: float = 1.0,
     batch_size: int = 16,
     seed: int | None = None,
-) -> Samples:
-    """Sample ``num_samples`` completions for each chat prompt.
+    max_batch_tokens: int | None = None,
+) -> Iterator[tuple[int, PromptSamples]]:
+    """Sample ``num_samples`` completions per chat prompt, yielding ``(prompt index, its
+    samples)`` as each prompt completes (in generation order, see ``plan_batches``).
 
-    Prompts are rendered with the chat template and a generation prompt, left-padded
-    and generated ``batch_size`` prompts at a time (``num_samples`` each). The model is
-    put in eval mode for the call and restored afterwards.
+    Prompts are rendered with the chat template and a generation prompt and left-padded.
+    The model is put in eval mode for the call and restored afterwards (also when the
+    caller stops iterating early).
     """
     if num_samples < 1 or batch_size < 1:
-        raise ValueError(f"num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
+        raise ValueError(
+            f"num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}"
+        )
+    if max_batch_tokens is not None and max_batch_tokens < 1:
+        raise ValueError(f"max_batch_tokens must be >= 1 or None, got {max_batch_tokens}")
+    if not prompts:
+        return
     if seed is not None:
         torch.manual_seed(seed)
-    eos = model.generation_config.eos_token_id
-    stop_ids = [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
+    stop_ids = _stop_ids(model, tokenizer)
     tracker = EntropyTracker(stop_ids)
+    rendered = render_prompts(tokenizer, prompts)
+    lengths = [len(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
+    calls = plan_batches(lengths, num_samples, max_new_tokens, batch_size, max_batch_tokens)
     was_training = model.training
     model.eval()
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    texts, lengths = [], []
     context = getattr(model.config, "max_position_embeddings", None)
     longest = 0  # the longest prompt batch that overran the context, to warn once at the end
+    partial: dict[int, PromptSamples] = {}
     try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            rendered = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in chunk]
-            inputs = tokenizer(rendered, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        for call in calls:
+            rows = call[0][1]
+            inputs = tokenizer(
+                [rendered[i] for i, _ in call],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            )
+            inputs = inputs.to(model.device)
             prompt_length = inputs["input_ids"].shape[1]
             if context and prompt_length + max_new_tokens > context:
                 longest = max(longest, prompt_length)
@@ -101,7 +209,7 @@ def sample_completions(
                 temperature=temperature,
                 top_p=top_p,
                 max_new_tokens=max_new_tokens,
-                num_return_sequences=num_samples,
+                num_return_sequences=rows,
                 logits_processor=LogitsProcessorList([tracker]),
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=stop_ids,
@@ -109,9 +217,16 @@ def sample_completions(
             generated = output[:, prompt_length:]
             decoded = tokenizer.batch_decode(generated, skip_special_tokens=True)
             counts = _lengths(generated, stop_ids)
-            for i in range(len(chunk)):
-                texts.append(decoded[i * num_samples : (i + 1) * num_samples])
-                lengths.append(counts[i * num_samples : (i + 1) * num_samples])
+            sums, positions = tracker.row_sums.tolist(), tracker.row_counts.tolist()
+            for slot, (i, _) in enumerate(call):
+                part = partial.setdefault(i, PromptSamples())
+                span = slice(slot * rows, (slot + 1) * rows)
+                part.texts += decoded[span]
+                part.num_tokens += counts[span]
+                part.entropy_sums += sums[span]
+                part.entropy_counts += positions[span]
+                if len(part.texts) == num_samples:
+                    yield i, partial.pop(i)
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
@@ -121,7 +236,52 @@ def sample_completions(
             "positions; samples past it are unreliable (shorten the prompts or use a longer-context model)",
             longest, max_new_tokens, context,
         )  # fmt: skip
-    return Samples(texts=texts, num_tokens=lengths, entropy=tracker.mean)
+
+
+def sample_completions(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[list[dict]],
+    num_samples: int = 8,
+    max_new_tokens: int = 256,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 16,
+    seed: int | None = None,
+    max_batch_tokens: int | None = None,
+) -> Samples:
+    """Sample ``num_samples`` completions for each chat prompt (``iter_samples``), returned
+    in prompt order."""
+    done = dict(
+        iter_samples(
+            model, tokenizer, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed,
+            max_batch_tokens=max_batch_tokens,
+        )
+    )  # fmt: skip
+    ordered = [done[i] for i in range(len(prompts))]
+    return merge_samples(ordered)
+
+
+def merge_samples(groups: Sequence[PromptSamples]) -> Samples:
+    """One ``Samples`` from per-prompt samples; the entropy is averaged over all sampled
+    positions (0.0 when the backend did not measure it)."""
+    sums = [list(g.entropy_sums) for g in groups]
+    counts = [list(g.entropy_counts) for g in groups]
+    known = [
+        (s, c)
+        for gs, gc in zip(sums, counts, strict=True)
+        for s, c in zip(gs, gc, strict=True)
+        if s is not None
+    ]
+    total = sum(c for _, c in known)
+    return Samples(
+        texts=[list(g.texts) for g in groups],
+        num_tokens=[list(g.num_tokens) for g in groups],
+        entropy=sum(s for s, _ in known) / total if total else 0.0,
+        entropy_sums=sums,
+        entropy_counts=counts,
+    )
 
 
 def _lengths(generated: torch.Tensor, stop_ids: Sequence[int]) -> list[int]:
