@@ -144,6 +144,47 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(tmp_path, cach
     assert b["sedsft"]["config"]["seed"] == 42
 
 
+class SigtermAt(L.Callback):
+    """Sends this process SIGTERM (what a scheduler sends before it kills a job) at the start
+    of step ``step + 1``: that step finishes, then Lightning stops."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_exits_non_zero_with_a_checkpoint_that_resumes(tmp_path, cache_dir, trace, uninterrupted, caplog):
+    full = uninterrupted["steps"]
+    cfg = compose_config(tmp_path, cache_dir, *RUN, "+callbacks.sigterm._target_=test_resume.SigtermAt", "+callbacks.sigterm.step=2")
+    with pytest.raises(SystemExit) as stopped:
+        train(cfg)
+    assert stopped.value.code == 143  # not 0: a pre-empted run is not a completed one
+    assert trace["steps"] == full[:3]
+    on_exception = tmp_path / "checkpoints" / "on_exception.ckpt"
+    assert checkpoint(on_exception)["global_step"] == 3
+    assert "stopped by SIGTERM at step 3 (pre-empted?); exit status 143; resume with:" in caplog.text
+    assert f"ckpt_path={on_exception}" in caplog.text
+
+    trace.update(steps=[], calibrations=0)
+    metrics = train(compose_config(tmp_path / "resumed", cache_dir, *RUN, f"ckpt_path={on_exception}"))
+    assert trace["steps"] == full[3:]  # the unseen batches, same losses
+    assert metrics["train/loss"] == uninterrupted["metrics"]["train/loss"]
+
+
+def test_sigterm_without_checkpoint_callbacks_still_exits_non_zero(tmp_path, cache_dir, caplog):
+    cfg = compose_config(
+        tmp_path, cache_dir, "callbacks=none", "logger=[]", "+trainer.enable_checkpointing=false", "data.train.n=32",
+        "trainer.max_steps=3", "+callbacks.sigterm._target_=test_resume.SigtermAt", "+callbacks.sigterm.step=1",
+    )  # fmt: skip
+    with pytest.raises(SystemExit) as stopped:
+        train(cfg)
+    assert stopped.value.code == 143
+    assert "stopped by SIGTERM at step 2; no checkpoint was written" in caplog.text
+
+
 class RowLog(L.Callback):
     """Appends ``{"step", "rows"}`` of every completed step to a JSON-lines file; with
     ``pause`` it sleeps before each step from step ``pause_after`` on (a window for Ctrl-C)."""
@@ -167,7 +208,7 @@ def test_ctrl_c_writes_a_checkpoint_that_resumes(tmp_path, cache_dir):
     rows_log = tmp_path / "rows.jsonl"
     common = [
         sys.executable, "src/train.py", f"paths.log_dir={tmp_path}", "hydra.run.dir=" + str(tmp_path / "run"),
-        f"data.train.n={N_TRAIN}", "data.val.n=8", f"data.batch_size={BATCH}", f"trainer.max_steps={steps}",
+        "model.pretrain_steps=4", f"data.train.n={N_TRAIN}", "data.val.n=8", f"data.batch_size={BATCH}", f"trainer.max_steps={steps}",
         "+trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
         "~callbacks.generation_eval", "~callbacks.hf_export", "~callbacks.lr_monitor", "logger=[]",
         "callbacks.model_checkpoint.monitor=null", "+callbacks.rows._target_=test_resume.RowLog",

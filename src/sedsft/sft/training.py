@@ -10,8 +10,10 @@ from typing import Any
 
 import hydra
 import lightning as L
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from sedsft.sft.callbacks.exception_checkpoint import preempted
 from sedsft.sft.module import SFTModule
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         logger.log_metrics({f"data/skipped_{k}": v for k, v in datamodule.skip_counts().items()}, step=0)
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        except SIGTERMException:  # Lightning exits 0 here: a pre-empted run is not a success
+            raise preempted(trainer) from None
     metrics = _scalars(trainer.callback_metrics)
     metrics.update({f"data/skipped_{k}": float(v) for k, v in datamodule.skip_counts().items()})
     if cfg.get("test", False):

@@ -1,0 +1,64 @@
+"""Pre-emption is not success: ``python src/train.py`` stopped by SIGTERM (what SLURM and
+other schedulers send before they kill a job) writes ``on_exception.ckpt``, prints the
+command that resumes it, and exits 143; the printed command resumes to the same batches
+as a run that was never stopped. (In-process variants: ``tests/test_resume.py``.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+from test_resume import BATCH, N_TRAIN, checkpoint, expected_rows
+
+STEPS = 6
+
+
+@pytest.mark.slow
+def test_sigterm_on_the_cli_exits_143_and_the_printed_command_resumes(tmp_path, cache_dir):
+    env = {**os.environ, "SEDSFT_CACHE": str(cache_dir), "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}"}
+    rows_log = tmp_path / "rows.jsonl"
+    command = [
+        sys.executable, "src/train.py", f"paths.log_dir={tmp_path}",
+        "model.pretrain_steps=4", f"data.train.n={N_TRAIN}", "data.val.n=8", f"data.batch_size={BATCH}", f"trainer.max_steps={STEPS}",
+        "+trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+        "~callbacks.generation_eval", "~callbacks.hf_export", "~callbacks.lr_monitor", "logger=[]",
+        "callbacks.model_checkpoint.monitor=null", "+callbacks.rows._target_=test_resume.RowLog",
+        f"+callbacks.rows.path={rows_log}",
+    ]  # fmt: skip
+    pause = ["+callbacks.rows.pause=6", "+callbacks.rows.pause_after=2"]
+    run = subprocess.Popen([*command, *pause], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "paused").exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (tmp_path / "paused").exists(), run.communicate()[0][-3000:] if run.poll() is not None else "no pause"
+    os.kill(run.pid, signal.SIGTERM)  # while step 3's batch waits: step 3 finishes, then the run stops
+    output = run.communicate(timeout=120)[0]
+    assert run.returncode == 143, output[-3000:]
+
+    (run_dir,) = (tmp_path / "train" / "runs").iterdir()
+    on_exception = run_dir / "checkpoints" / "on_exception.ckpt"
+    assert checkpoint(on_exception)["global_step"] == 3
+    assert "stopped by SIGTERM at step 3 (pre-empted?); exit status 143; resume with:" in output
+    printed = re.search(r"resume with:\n\s+(python .*)", output).group(1)
+    args = shlex.split(printed)
+    assert args == ["python", "src/train.py", *command[2:], *pause, f"ckpt_path={on_exception}"]
+
+    # the printed command, without the test's pause, resumes: steps 4..6 on the unseen batches
+    args = [a for a in args[1:] if a not in pause]
+    resumed = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    logged = [json.loads(line) for line in rows_log.read_text().splitlines()]
+    assert [entry["step"] for entry in logged] == list(range(1, STEPS + 1))
+    assert [entry["rows"] for entry in logged] == expected_rows(42, STEPS)
+    new_dir = next(p for p in (tmp_path / "train" / "runs").iterdir() if p != run_dir)  # a directory of its own
+    assert checkpoint(new_dir / "checkpoints" / "last.ckpt")["global_step"] == STEPS
