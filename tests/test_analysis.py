@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import nbformat
 import pytest
@@ -11,7 +12,13 @@ from nbclient import NotebookClient
 from omegaconf import OmegaConf
 
 from conftest import ROOT
-from sedsft.utils.analysis import collect_runs, mean_std, summarize
+from sedsft.utils.analysis import (
+    collect_runs,
+    headline_metrics,
+    mean_std,
+    samples_per_prompt,
+    summarize,
+)
 
 FIXTURE = ROOT / "tests" / "fixtures" / "toy_multirun"
 
@@ -50,15 +57,69 @@ def test_collect_runs_rejects_a_directory_without_runs(tmp_path):
         collect_runs(tmp_path)
 
 
-def test_notebook_executes_on_the_committed_fixture(tmp_path, monkeypatch):
-    assert collect_runs(FIXTURE)["loss"].nunique() >= 2
-    monkeypatch.setenv("SEDSFT_MULTIRUN", str(FIXTURE))
-    monkeypatch.setenv("SEDSFT_FIGURES", str(tmp_path))
+def test_headline_metrics_follow_the_logged_k_and_skip_what_is_missing():
+    names = ["val/loss", "gen/pass@1", "gen/pass@2", "gen/pass@8", "gen/avg@8", "gen/self_bleu", "train/loss"]
+    assert samples_per_prompt(names) == 8
+    assert headline_metrics(names) == ["gen/pass@1", "gen/pass@8", "gen/avg@8", "gen/self_bleu", "val/loss"]
+    # a run stopped before sampling: no k, no accuracy columns, no error
+    assert samples_per_prompt(["val/loss", "train/loss"]) is None
+    assert headline_metrics(["val/loss", "train/loss"]) == ["val/loss"]
+
+
+def execute_notebook(monkeypatch, runs, figures=None) -> nbformat.NotebookNode:
+    monkeypatch.setenv("SEDSFT_MULTIRUN", str(runs))
+    if figures is None:
+        monkeypatch.delenv("SEDSFT_FIGURES", raising=False)
+    else:
+        monkeypatch.setenv("SEDSFT_FIGURES", str(figures))
     monkeypatch.setenv("PROJECT_ROOT", str(ROOT))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
     notebook = nbformat.read(ROOT / "notebooks" / "toy_lab.ipynb", as_version=4)
     NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT / "notebooks")}}).execute()
+    return notebook
+
+
+def text_of(notebook) -> str:
+    return "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
+
+
+def images_of(notebook) -> int:
+    return sum("image/png" in o.get("data", {}) for cell in notebook.cells for o in cell.get("outputs", []))
+
+
+def test_notebook_executes_on_the_committed_fixture(tmp_path, monkeypatch):
+    assert collect_runs(FIXTURE)["loss"].nunique() >= 2
+    notebook = execute_notebook(monkeypatch, FIXTURE, figures=tmp_path)
     assert (tmp_path / "diversity_vs_accuracy.png").stat().st_size > 10_000
     assert (tmp_path / "histograms.png").stat().st_size > 10_000
-    outputs = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
-    assert "±" in outputs
+    assert "±" in text_of(notebook)
+    assert images_of(notebook) == 2  # both figures also inline
+
+
+def test_notebook_handles_runs_without_metrics_and_writes_nothing(tmp_path, monkeypatch):
+    """A multirun whose runs stopped before validating (no gen/*, no val/*) in one loss:
+    before, ``max() arg is an empty sequence``. Without SEDSFT_FIGURES nothing is written."""
+    runs = tmp_path / "multirun"
+    shutil.copytree(FIXTURE, runs)
+    stripped = 0
+    for path in runs.glob("*/metrics.json"):
+        metrics = json.loads(path.read_text())
+        if collect_runs(path.parent).loc[0, "loss"] == "ce":
+            metrics = {k: v for k, v in metrics.items() if k.startswith("train/")}
+            stripped += 1
+        path.write_text(json.dumps(metrics))
+    assert stripped >= 1
+    before = sorted(p.relative_to(runs) for p in runs.rglob("*"))
+    notebook = execute_notebook(monkeypatch, runs)
+    assert sorted(p.relative_to(runs) for p in runs.rglob("*")) == before
+    text = text_of(notebook)
+    assert "not logged by every run" in text and "gen/pass@1" in text
+    assert images_of(notebook) == 2
+
+    # no run sampled at all: tables and histograms still, the scatter plot says why not
+    for path in runs.glob("*/metrics.json"):
+        metrics = json.loads(path.read_text())
+        path.write_text(json.dumps({k: v for k, v in metrics.items() if not k.startswith("gen/")}))
+    notebook = execute_notebook(monkeypatch, runs)
+    assert "no run logged generation metrics" in text_of(notebook)
+    assert images_of(notebook) == 1

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -28,7 +30,8 @@ def test_default_run_writes_events_checkpoints_and_loadable_export(make_config, 
     metrics = train(make_config("test=true", "trainer.val_check_interval=2", *SMALL_GENERATION))
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
     assert {"train/loss", "val/loss", "val/loss_terms/ce", "val/entropy", "val/top1_acc", "test/loss"} <= set(metrics)
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    # TensorBoard's run list names the loss and seed: <run>/tensorboard/<loss>/seed<seed>
+    assert list((tmp_path / "tensorboard" / "ce" / "seed42").glob("events.out.tfevents.*"))
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(metrics)
 
@@ -74,3 +77,40 @@ def test_cli_fast_dev_run(tmp_path, cache_dir):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(Path(tmp_path, "debug", "runs").glob("*/.hydra/config.yaml"))
+    # debug=fdr logs DEBUG, but not the font and image-plugin chatter of matplotlib / PIL
+    assert "[matplotlib" not in result.stdout and "[PIL" not in result.stdout
+
+
+LOG_PREFIX = re.compile(r"^(\[[^\]]*\]\[[^\]]*\]\[[A-Z]+\] - |[A-Z]+: )")
+
+
+def test_cli_console_one_line_per_event_run_dir_first_metrics_table_last(tmp_path, cache_dir):
+    """The terminal of ``python src/train.py trainer.max_steps=3``: the run directory first,
+    every log record once (Lightning printed each twice, once through its own handler), no
+    product adverts or library deprecation, no monitor warning, a table of the final metrics
+    last on lines of its own."""
+    env = {**os.environ, "SEDSFT_CACHE": str(cache_dir), "PYTHONPATH": ""}
+    result = subprocess.run(
+        [
+            sys.executable, "src/train.py", "trainer.max_steps=3", "model.pretrain_steps=4", f"paths.log_dir={tmp_path}",
+            "data.train.n=64", "data.val.n=16", "data.eval_batch_size=16", *SMALL_GENERATION,
+        ],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = Path(tmp_path, "train", "runs").iterdir()
+    out = result.stdout.splitlines()
+    assert out[0] == f"run directory: {run.resolve()}"
+    console = result.stdout + result.stderr
+    for unwanted in ("Tip", "LeafSpec", "could not find the monitored key", "DEBUG"):
+        assert unwanted not in console, unwanted
+    messages = [LOG_PREFIX.sub("", line) for line in console.splitlines() if LOG_PREFIX.match(line)]
+    assert any("max_steps=3" in m for m in messages)  # Lightning's records do show, once
+    assert [m for m, n in Counter(messages).items() if n > 1] == []
+    start = next(i for i, line in enumerate(out) if line.startswith("final metrics"))
+    assert out[start] == f"final metrics (all in {run / 'metrics.json'}):"
+    rows = dict(line.split() for line in out[start + 1 :])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert list(rows)[:3] == ["gen/pass@1", "gen/pass@4", "gen/avg@4"]
+    assert {"val/loss", "gen/label_entropy"} <= set(rows)
+    assert all(value == f"{metrics[name]:.4f}" for name, value in rows.items())

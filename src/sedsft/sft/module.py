@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from torch import nn
 from torchmetrics import MeanMetric
@@ -23,13 +22,13 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from sedsft.losses.sed import calibration
 from sedsft.models.hf import CausalLMSpec
+from sedsft.sft import logging as runlog
+from sedsft.sft.callbacks.final_validation import ValidateAtEnd
 from sedsft.sft.strategies import owns_gradients, shards_lm_head
 
 log = logging.getLogger(__name__)
 
-LOSS_TERMS = ("ce", "reg")  # logged under <split>/loss_terms/; other loss metrics at <split>/
 HISTOGRAM_SAMPLE = 200_000  # target positions kept per validation epoch for histograms
-HISTOGRAM_BINS = 64  # equal-width buckets between the epoch's smallest and largest value
 
 
 class SFTModule(L.LightningModule):
@@ -80,6 +79,8 @@ class SFTModule(L.LightningModule):
         self.weight_decay_1d = weight_decay_1d
         self.model: nn.Module | None = None
         self.run_config: dict | None = None  # set by train.py; stored in checkpoints
+        # Scalars measured outside Lightning's loops (calibration), for the run's metrics.json.
+        self.run_metrics: dict[str, float] = {}
         self._window_tokens = 0
         self._histogram_values: dict[str, list[torch.Tensor]] = {}
         # Token-weighted running means of the evaluation splits (training logs per step).
@@ -162,10 +163,9 @@ class SFTModule(L.LightningModule):
         for name, value in values.items():
             if name not in self.means[split]:
                 self.means[split][name] = MeanMetric().to(self.device)
-            metric = self.means[split][name]
-            metric.update(value.float(), weight=weight)
-            key = f"{split}/loss_terms/{name}" if name in LOSS_TERMS else f"{split}/{name}"
-            self.log(key, metric, prog_bar=name == "loss", metric_attribute=f"means.{split}.{name}", **kwargs)
+            self.means[split][name].update(value.float(), weight=weight)
+        means = {name: self.means[split][name] for name in values}
+        runlog.log_metrics(self, split, means, metric_attribute=f"means.{split}.{{name}}", **kwargs)
 
     # ------------------------------------------------------------------ training
     def _nonfinite(self, what: str, batch_idx: int, rows: torch.Tensor | None, parts: dict) -> None:
@@ -192,10 +192,11 @@ class SFTModule(L.LightningModule):
             return None  # Lightning skips backward for this micro-batch
         self._last_batch = (batch_idx, batch.get("rows"))
         batch_size = batch["input_ids"].shape[0]
-        for name, value in {"loss": out.loss.detach(), **out.metrics}.items():
-            key = f"train/loss_terms/{name}" if name in LOSS_TERMS else f"train/{name}"
-            self.log(key, value, on_step=True, on_epoch=False, prog_bar=name == "loss", batch_size=batch_size)
-        self.log("train/target_tokens", float(out.num_tokens), on_step=True, on_epoch=False, reduce_fx="sum", batch_size=batch_size)
+        step_values = {"loss": out.loss.detach(), **out.metrics}
+        runlog.log_metrics(self, "train", step_values, on_step=True, on_epoch=False, batch_size=batch_size)
+        runlog.log_metrics(
+            self, "train", {"target_tokens": float(out.num_tokens)}, on_step=True, on_epoch=False, reduce_fx="sum", batch_size=batch_size
+        )
         if self._global_normalisation():
             self._window_tokens += out.num_tokens
             return out.loss_sum
@@ -231,7 +232,7 @@ class SFTModule(L.LightningModule):
             for group in optimizer.param_groups:
                 for param in group["params"]:
                     param.grad = None  # optimisers skip parameters without gradients
-        self.log("train/skipped_nonfinite", float(self.nonfinite_skips), on_step=True, on_epoch=False)
+        runlog.log_metrics(self, "train", {"skipped_nonfinite": float(self.nonfinite_skips)}, on_step=True, on_epoch=False)
 
     # ------------------------------------------------------------------ evaluation
     def _eval_step(self, split: str, batch: dict[str, torch.Tensor]) -> None:
@@ -249,12 +250,10 @@ class SFTModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         values, self._histogram_values = self._histogram_values, {}
-        experiment = getattr(self.logger, "experiment", None)
-        if self.trainer.sanity_checking or not hasattr(experiment, "add_histogram"):
+        if self.trainer.sanity_checking:
             return
         for name, chunks in values.items():
-            flat = torch.cat(chunks)[:HISTOGRAM_SAMPLE].numpy()
-            experiment.add_histogram(f"val/{name}_hist", flat, global_step=self.global_step, bins=_bins(flat))
+            runlog.log_histogram(self.trainer, runlog.histogram_key("val", name), torch.cat(chunks)[:HISTOGRAM_SAMPLE])
 
     # ------------------------------------------------------------------ tau calibration
     def on_fit_start(self) -> None:
@@ -270,12 +269,17 @@ class SFTModule(L.LightningModule):
                 )
             finally:
                 self.train(was_training)
-            values = {"calibration/tau": tau, "calibration/mask_rate": mask_rate}
-            # self.log is not available in on_fit_start: write to the loggers directly.
-            for logger in self.loggers:
-                logger.log_metrics(values, step=self.global_step)
-            self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in values.items()})
+            values = {runlog.key("calibration", "tau"): tau, runlog.key("calibration", "mask_rate"): mask_rate}
+            # self.log is not available in on_fit_start: straight to the loggers, and kept
+            # for the run's metrics.json.
+            runlog.log_scalars(self.trainer, values)
+            self.run_metrics.update(values)
             log.info("calibrated tau=%.4f (mask rate %.3f on calibration positions)", tau, mask_rate)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        # A run validates (and evaluates generations) at its last step however it stops:
+        # max_steps, max_time, epochs (ValidateAtEnd).
+        return [ValidateAtEnd()]
 
     # ------------------------------------------------------------------ resuming
     def on_train_start(self) -> None:
@@ -314,9 +318,3 @@ class SFTModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite_skips = checkpoint.get("sedsft", {}).get("nonfinite_skips", 0)
 
-
-def _bins(values: np.ndarray) -> np.ndarray | str:
-    """Equal-width bucket edges over the values' range. TensorBoard's default buckets grow
-    by 10% each, which would put every top-k mass above 0.91 into one bucket."""
-    lo, hi = float(values.min()), float(values.max())
-    return np.linspace(lo, hi, HISTOGRAM_BINS + 1) if hi > lo else "tensorflow"

@@ -10,13 +10,21 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from sedsft.sft import logging as runlog
 from sedsft.sft.callbacks.exception_checkpoint import preempted
 from sedsft.sft.module import SFTModule
+from sedsft.utils.threads import set_cpu_threads
 
 log = logging.getLogger(__name__)
+
+# Keys of a data config that describe the data set for other parts of the run (the
+# generation callback reads data.sample_classifier); they are not DataModule arguments.
+DATA_DESCRIPTION_KEYS = ("sample_classifier",)
 
 
 def instantiate_list(cfg: DictConfig | None) -> list[Any]:
@@ -30,7 +38,10 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     """Instantiate data, model, loss, callbacks, loggers and trainer from ``cfg``."""
     lm = hydra.utils.instantiate(cfg.model)
     tokenizer = lm.load_tokenizer()
-    datamodule = hydra.utils.instantiate(cfg.data, tokenizer=tokenizer)
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)  # resolved against the whole config
+    for name in DATA_DESCRIPTION_KEYS:
+        data_cfg.pop(name, None)
+    datamodule = hydra.utils.instantiate(data_cfg, tokenizer=tokenizer)
     module = SFTModule(
         lm=lm,
         loss=hydra.utils.instantiate(cfg.loss),
@@ -58,27 +69,43 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+@rank_zero_only
+def _announce_run_directory(cfg: DictConfig, output_dir: Path) -> None:
+    """The run directory on its own line, first thing; the resolved config inside it
+    (``.hydra/config.yaml`` keeps ``${...}`` interpolations, this is what the run used)."""
+    print(f"run directory: {output_dir.resolve()}", flush=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, output_dir / "config_resolved.yaml", resolve=True)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (and optionally test) as configured; returns the final scalar metrics.
 
-    Metrics are also written to ``<paths.output_dir>/metrics.json`` for sweeps and notebooks.
+    Metrics are also written to ``<paths.output_dir>/metrics.json`` for sweeps and notebooks,
+    the resolved config to ``<paths.output_dir>/config_resolved.yaml``; the console shows the
+    run directory first and a table of the final metrics last.
     """
+    runlog.configure_console()
+    output_dir = Path(cfg.paths.output_dir)
+    _announce_run_directory(cfg, output_dir)
+    on_cpu = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto")) == "cpu" or not torch.cuda.is_available()
+    set_cpu_threads(cfg.get("cpu_threads", "auto"), on_cpu=on_cpu)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     objects = build(cfg)
     datamodule, module, trainer = objects["datamodule"], objects["module"], objects["trainer"]
     # Tokenise and validate every row before any weight is loaded or step is taken.
     datamodule.setup("fit")
-    for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        logger.log_metrics({f"data/skipped_{k}": v for k, v in datamodule.skip_counts().items()}, step=0)
+    skipped = {runlog.key("data", f"skipped_{k}"): float(v) for k, v in datamodule.skip_counts().items()}
+    runlog.log_scalars(trainer, skipped, step=0)
     if cfg.get("train", True):
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         except SIGTERMException:  # Lightning exits 0 here: a pre-empted run is not a success
             raise preempted(trainer) from None
     metrics = _scalars(trainer.callback_metrics)
-    metrics.update({f"data/skipped_{k}": float(v) for k, v in datamodule.skip_counts().items()})
+    metrics.update(module.run_metrics)
+    metrics.update(skipped)
     if cfg.get("test", False):
         # After fitting: the best checkpoint when validation chose one, else the weights
         # as they are. Without fitting: the given checkpoint.
@@ -86,8 +113,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         checkpoint = (best or None) if cfg.get("train", True) else cfg.get("ckpt_path")
         trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint)
         metrics.update(_scalars(trainer.callback_metrics))
-    output_dir = Path(cfg.paths.output_dir)
+    runlog.log_hparams(trainer, runlog.run_hparams(cfg), metrics)
     if trainer.is_global_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        summary = runlog.summary_metrics(metrics)
+        print(runlog.format_table(summary, f"final metrics (all in {output_dir / 'metrics.json'})"), flush=True)
     return metrics

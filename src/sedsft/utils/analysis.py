@@ -7,7 +7,8 @@ TensorBoard events (with validation histograms) sit under ``tensorboard/``.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,34 @@ CONFIG_COLUMNS = {  # column -> dotted config key
     "top_k": "loss.top_k",
     "beta": "loss.beta",
 }
+# The headline numbers of a run, in table order ({k}: the largest k of the logged pass@k):
+# the notebook's table and the table a training run prints at its end.
+ACCURACY = ("gen/pass@1", "gen/pass@{k}", "gen/avg@{k}")
+DIVERSITY = (
+    "gen/distinct_2",
+    "gen/distinct_4",
+    "gen/self_bleu",
+    "gen/sampled_entropy",
+    "gen/label_entropy",
+    "gen/labels_per_prompt",
+    "gen/label_frac/step_by_step",
+)
+TRAINING = ("val/loss", "val/entropy", "val/top1_acc", "val/mask_frac", "calibration/tau", "test/loss")
+
+
+def samples_per_prompt(names: Iterable[str]) -> int | None:
+    """The k of ``gen/pass@k`` (the largest logged), or None when no run sampled."""
+    ks = [int(m.group(1)) for name in names if (m := re.fullmatch(r"gen/pass@(\d+)", name))]
+    return max(ks) if ks else None
+
+
+def headline_metrics(names: Iterable[str], groups: Sequence[Sequence[str]] = (ACCURACY, DIVERSITY, TRAINING)) -> list[str]:
+    """The headline metrics among ``names``, in table order; those not logged (no
+    generation eval, CE's mask_frac, a run stopped before validating) are left out."""
+    names = set(names)
+    k = samples_per_prompt(names)
+    wanted = [m.format(k=k) for group in groups for m in group if k is not None or "{k}" not in m]
+    return list(dict.fromkeys(m for m in wanted if m in names))
 
 
 def run_dirs(root: str | Path) -> list[Path]:

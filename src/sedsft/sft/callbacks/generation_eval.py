@@ -9,9 +9,12 @@ import hydra
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.trainer.states import TrainerFn
 
 from sedsft.evaluation.evaluate import score_samples
 from sedsft.evaluation.sampling import Samples, sample_completions
+from sedsft.sft import logging as runlog
+from sedsft.sft.callbacks.final_validation import training_ends_here
 
 log = logging.getLogger(__name__)
 
@@ -25,15 +28,17 @@ def _gather(obj: Any) -> list[Any]:
 
 
 class GenerationEval(L.Callback):
-    """Every ``every_n_val_epochs`` validations, sample ``num_samples`` completions for
-    ``num_prompts`` held-out prompts and log ``gen/*``: distinct-1..4, self-BLEU, sampled
-    token entropy, pass@1, pass@k, avg@k; plus a text panel with a few prompts.
+    """Every ``every_n_val_epochs`` validations, and at the validation that ends training,
+    sample ``num_samples`` completions for ``num_prompts`` held-out prompts and log ``gen/*``:
+    distinct-1..4, self-BLEU, sampled token entropy, pass@1, pass@k, avg@k; plus a text
+    panel with a few prompts.
 
     Prompts are split across ranks and the samples gathered, so the numbers are those of
     the whole prompt set. The model is sampled in eval mode, without gradients.
 
     Args:
-        every_n_val_epochs: run on every n-th validation (1: every validation).
+        every_n_val_epochs: run on every n-th validation (1: every validation); the
+            validation at the end of training always runs it.
         num_prompts: held-out prompts sampled (the first ones of the validation split).
         num_samples: completions per prompt (the k of pass@k and avg@k).
         max_new_tokens: generation budget per completion.
@@ -44,7 +49,8 @@ class GenerationEval(L.Callback):
         seed: sampling seed, so successive evaluations differ only by the model.
         sample_classifier: dotted path of a function text -> label (e.g.
             ``sedsft.data.toy_math.classify_style``); adds gen/label_entropy,
-            gen/labels_per_prompt and gen/label_frac/<label>.
+            gen/labels_per_prompt and gen/label_frac/<label>. The config takes the data
+            set's own (``data.sample_classifier``), so toy math logs its styles by default.
     """
 
     def __init__(
@@ -74,7 +80,8 @@ class GenerationEval(L.Callback):
         if trainer.sanity_checking:
             return
         self._validations += 1
-        if self._validations % self.every_n_val_epochs:
+        final = trainer.state.fn == TrainerFn.FITTING and training_ends_here(trainer)
+        if self._validations % self.every_n_val_epochs and not final:
             return
         prompts = trainer.datamodule.prompts("val", limit=self.num_prompts)
         mine = prompts[trainer.global_rank :: trainer.world_size]
@@ -92,10 +99,9 @@ class GenerationEval(L.Callback):
         )
         metrics, correct = score_samples(merged, [gold for _, gold in all_prompts], self.num_samples, self.classify)
         self.last_metrics = metrics
-        pl_module.log_dict({f"gen/{k}": v for k, v in metrics.items()}, rank_zero_only=True)
-        experiment = getattr(pl_module.logger, "experiment", None)
-        if trainer.is_global_zero and hasattr(experiment, "add_text"):
-            experiment.add_text("gen/samples", self._panel(all_prompts, merged, correct), global_step=trainer.global_step)
+        runlog.log_metrics(pl_module, "gen", metrics, prog_bar=(), rank_zero_only=True)
+        if trainer.is_global_zero:
+            runlog.log_text(trainer, runlog.SAMPLES_TEXT, self._panel(all_prompts, merged, correct))
 
     def _panel(self, prompts, samples: Samples, correct) -> str:
         lines = []
