@@ -534,6 +534,107 @@ def test_topk_entropy_hand_computed():
     assert topk_entropy(position, 1) == pytest.approx(-0.5 * math.log(0.5))
 
 
+class FakeVLLM:
+    """Stands in for the ``vllm`` module: records what the backend asks for and answers with
+    two tokens per sample, each position's top-2 log-probabilities log 0.5 and log 0.25."""
+
+    def __init__(self):
+        self.engine_kwargs, self.calls = None, []
+        fake = self
+
+        class LLM:
+            def __init__(self, **kwargs):
+                fake.engine_kwargs = kwargs
+
+            def generate(self, requests, params, use_tqdm=True):
+                fake.calls.append((requests, params))
+                top2 = {
+                    1: SimpleNamespace(logprob=math.log(0.5), rank=1),
+                    2: SimpleNamespace(logprob=math.log(0.25), rank=2),
+                }
+                return [
+                    SimpleNamespace(
+                        outputs=[
+                            SimpleNamespace(
+                                text=f"r{len(fake.calls)}.{j}",
+                                token_ids=[1, 2],
+                                logprobs=[top2, top2],
+                            )
+                            for j in range(p.n)
+                        ]
+                    )
+                    for p in params
+                ]
+
+        self.LLM, self.SamplingParams = LLM, lambda **kwargs: SimpleNamespace(**kwargs)
+
+
+def test_vllm_backend_requests_and_outputs_without_a_gpu(monkeypatch, chatml_tokenizer):
+    import sys
+
+    fake = FakeVLLM()
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    backend = VLLMBackend(
+        "/models/x",
+        chatml_tokenizer,
+        tensor_parallel_size=2,
+        prompts_per_call=2,
+        entropy_top_k=2,
+        seed=7,
+    )
+    assert fake.engine_kwargs == {
+        "model": "/models/x",
+        "tensor_parallel_size": 2,
+        "gpu_memory_utilization": 0.9,
+        "dtype": "auto",
+        "max_model_len": None,
+        "enforce_eager": False,
+        "seed": 7,
+        "max_logprobs": 20,
+    }
+    prompts = [
+        [{"role": "system", "content": PAPER_SYSTEM_PROMPT}, {"role": "user", "content": f"q{i}"}]
+        for i in range(3)
+    ]
+    settings = SamplingSettings(
+        num_samples=2, max_new_tokens=64, temperature=1.0, top_p=1.0, seed=100
+    )
+    out = list(backend.generate(prompts, settings, keys=[5, 6, 9]))
+    assert [i for i, _ in out] == [0, 1, 2]
+    assert [len(requests) for requests, _ in fake.calls] == [2, 1]  # prompts_per_call
+    rendered = chatml_tokenizer.apply_chat_template(
+        prompts[2], tokenize=False, add_generation_prompt=True
+    )
+    ids = chatml_tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert fake.calls[1][0] == [
+        {"prompt_token_ids": ids}
+    ]  # the chat template, no extra special tokens
+    params = [p for _, ps in fake.calls for p in ps]
+    assert [p.seed for p in params] == [105, 106, 109]  # seed + row number: resume samples the same
+    assert {(p.n, p.max_tokens, p.temperature, p.top_p, p.logprobs) for p in params} == {
+        (2, 64, 1.0, 1.0, 2)
+    }
+    samples = out[2][1]
+    assert samples.texts == ["r2.0", "r2.1"] and samples.num_tokens == [2, 2]
+    per_position = -(0.5 * math.log(0.5) + 0.25 * math.log(0.25))
+    assert samples.entropy_sums == pytest.approx(
+        [2 * per_position] * 2
+    ) and samples.entropy_counts == [2, 2]
+    assert backend.entropy_key == "sampled_entropy_top2"
+
+
+def test_backend_errors_say_what_to_do(monkeypatch, chatml_tokenizer):
+    import sys
+
+    from sedsft.evaluation.backends import build_backend
+
+    monkeypatch.setitem(sys.modules, "vllm", None)  # not installed
+    with pytest.raises(ImportError, match=r"pip install -e '.\[vllm\]' \(or use backend=hf\)"):
+        VLLMBackend("/models/x", chatml_tokenizer)
+    with pytest.raises(ValueError, match="backend='tgi': unknown; use backend=hf"):
+        build_backend("tgi", "/models/x", {})
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None,

@@ -431,6 +431,8 @@ def _check_resume(output_dir: Path, cfg: DictConfig, eval_sets: Sequence[EvalSet
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed)
+    if cfg.backend not in ("hf", "vllm"):
+        raise ValueError(f"backend={cfg.backend!r}: unknown; use backend=hf or backend=vllm")
     specs = benchmark_specs(cfg)
     eval_sets = [benchmark_eval_set(cfg, spec) for spec in specs] if specs else [data_eval_set(cfg)]
     output_dir = Path(cfg.get("resume") or cfg.paths.output_dir)
@@ -443,8 +445,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "hf": {"batch_size": cfg.batch_size, "max_batch_tokens": cfg.max_batch_tokens}
     }
     backend_settings["vllm"] = {**OmegaConf.to_container(cfg.vllm, resolve=True), "seed": cfg.seed}
-    if cfg.backend not in backend_settings:
-        raise ValueError(f"backend={cfg.backend!r}: unknown; use backend=hf or backend=vllm")
     backend = build_backend(
         cfg.backend, cfg.ckpt, backend_settings[cfg.backend], cfg.device, output_dir / "hf_export"
     )
