@@ -182,6 +182,25 @@ def test_fixture_rows_through_the_real_loader(tmp_path, cache_dir, name):
     assert [p.index for p in problems] == list(range(len(golds)))
 
 
+@pytest.mark.parametrize("name", ["amc23", "olympiadbench"])
+def test_load_path_is_the_real_datasets_call(tmp_path, cache_dir, name):
+    """``load`` goes through ``datasets.load_dataset``: the json builder on a fixture file
+    (the default configs point it at the toolkit's file on GitHub) reads the same problems."""
+    load = {
+        "path": "json",
+        "data_files": str(FIXTURES / name / "test.jsonl"),
+        "split": "train",
+        "cache_dir": str(tmp_path / "hf"),
+    }
+    spec = specs_of(compose_eval(tmp_path, cache_dir, f"benchmark={name}"))[name]
+    spec.load = load
+    problems = build_problems(spec, load_rows(spec), None)
+    assert [p.gold for p in problems] == EXPECTED[name][0]
+    assert (
+        spec.source == f"datasets.load_dataset({', '.join(f'{k}={v!r}' for k, v in load.items())})"
+    )
+
+
 def test_yes_no_gold_gets_the_toolkits_hint(tmp_path, cache_dir):
     spec = specs_of(compose_eval(tmp_path, cache_dir, "benchmark=college_math", *fixtures()))[
         "college_math"
