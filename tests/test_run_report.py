@@ -8,6 +8,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -192,3 +193,33 @@ def test_cpu_threads_left_alone_on_gpu_runs_and_explicit_omp_wins(monkeypatch):
     assert set_cpu_threads(1, on_cpu=False) == before  # GPU runs keep torch's default
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert set_cpu_threads("auto") == 1 and torch.get_num_threads() == 1
+
+
+class StopAfter(L.Callback):
+    """Asks to stop after ``steps`` optimiser steps, the way ``max_time`` (Timer) and early
+    stopping do, but on a step count instead of a clock."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if trainer.global_step >= self.steps:
+            trainer.should_stop = True
+
+
+def test_requested_stop_validates_once_with_generation(make_config, tmp_path):
+    """A stop requested mid-epoch (max_time, early stopping): one validation, at the last
+    step, and generation eval there although every_n_val_epochs=5 would skip it."""
+    cfg = make_config(
+        "+callbacks.stop._target_=test_run_report.StopAfter",
+        "+callbacks.stop.steps=2",
+        "trainer.min_epochs=null",  # Lightning refuses early stops before min_epochs
+        "trainer.max_steps=-1",
+        "callbacks.generation_eval.every_n_val_epochs=5",
+        *SMALL_GENERATION,
+    )
+    train(cfg)
+    steps, _, _ = read_events(tmp_path / "tensorboard")
+    assert max(steps["train/loss"]) == 1  # stopped after 2 of 12 steps
+    assert steps["val/loss"] == [1]
+    assert steps["gen/pass@1"] == [1]
