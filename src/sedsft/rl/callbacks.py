@@ -24,7 +24,7 @@ import torch
 from transformers import TrainerCallback
 
 from sedsft.evaluation.evaluate import score_samples
-from sedsft.evaluation.sampling import Samples, sample_completions
+from sedsft.evaluation.sampling import iter_samples, merge_samples
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ class HeldoutEval(TrainerCallback):
         temperature: float = 1.0,
         top_p: float = 1.0,
         batch_size: int = 16,
+        max_batch_tokens: int | None = None,
         seed: int = 0,
         classify: Callable[[str], str] | None = None,
     ):
@@ -100,7 +101,10 @@ class HeldoutEval(TrainerCallback):
         self.prompts, self.golds = list(prompts), list(golds)
         self.tokenizer, self.tensorboard = tokenizer, tensorboard
         self.num_samples, self.every_n_steps = num_samples, every_n_steps
-        self.sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "batch_size": batch_size}
+        self.sampling = {
+            "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+            "batch_size": batch_size, "max_batch_tokens": max_batch_tokens,
+        }  # fmt: skip
         self.seed, self.classify = seed, classify
         self.trainer = None  # set by the caller once the trainer exists (for its accelerator)
         self.history: list[tuple[int, dict[str, float]]] = []
@@ -121,27 +125,19 @@ class HeldoutEval(TrainerCallback):
         # so training does not depend on when or whether the evaluation runs
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=devices), self._generation_context(model) as unwrapped:
-            samples = sample_completions(
-                unwrapped, self.tokenizer, [self.prompts[i] for i in indices],
-                num_samples=self.num_samples, seed=self.seed + step * 1000 + rank, **self.sampling,
-            )  # fmt: skip
-        shard = [(i, t, n) for i, t, n in zip(indices, samples.texts, samples.num_tokens, strict=True)]
-        weight = sum(sum(n) for _, _, n in shard)
-        entropy = [(samples.entropy * weight, weight)]
+            shard = [
+                (indices[j], samples)
+                for j, samples in iter_samples(
+                    unwrapped, self.tokenizer, [self.prompts[i] for i in indices],
+                    num_samples=self.num_samples, seed=self.seed + step * 1000 + rank, **self.sampling,
+                )
+            ]  # fmt: skip
         if world > 1:
             from accelerate.utils import gather_object
 
-            shard, entropy = gather_object(shard), gather_object(entropy)
-        by_index = {}
-        for i, texts, num_tokens in shard:
-            by_index.setdefault(i, (texts, num_tokens))
-        ordered = [by_index[i] for i in range(count)]
-        total_weight = sum(w for _, w in entropy)
-        merged = Samples(
-            texts=[t for t, _ in ordered],
-            num_tokens=[n for _, n in ordered],
-            entropy=sum(e for e, _ in entropy) / total_weight if total_weight else 0.0,
-        )
+            shard = gather_object(shard)
+        by_index = dict(shard)  # a padded duplicate only repeats its prompt's index
+        merged = merge_samples([by_index[i] for i in range(count)])
         metrics, _ = score_samples(merged, self.golds, self.num_samples, self.classify)
         metrics["num_prompts"] = float(count)
         self.seconds += time.perf_counter() - start

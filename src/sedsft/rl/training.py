@@ -24,6 +24,7 @@ from trl import GRPOConfig, GRPOTrainer
 from sedsft.checkpoints import hf_directory, load_model, read_meta, save_hf
 from sedsft.rl.callbacks import HeldoutEval, RLTensorBoard
 from sedsft.rl.data import build_train_dataset, heldout_prompts
+from sedsft.utils.threads import set_cpu_threads
 
 log = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -49,16 +50,6 @@ class SedsftGRPOTrainer(GRPOTrainer):
             mode = "train" if self.model.training else "eval"
             self._metrics[mode]["prompts/truncated_frac"].append(cut / len(prompt_ids))
         return prompt_ids, images, multimodal_fields
-
-
-def set_threads(threads: int | None) -> None:
-    """torch's CPU threads. GRPO alternates small generate and backward calls, which lose
-    the most to thread contention: with torch's default (all cores) next to another process
-    on 2 cores a step ran up to 25x slower than with 1 thread."""
-    if threads is not None:
-        if int(threads) < 1:
-            raise ValueError(f"threads must be >= 1 or null, got {threads}")
-        torch.set_num_threads(int(threads))
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -123,8 +114,9 @@ def export_policy(trainer: GRPOTrainer, tokenizer: Any, directory: Path, meta: d
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """GRPO from ``cfg.policy``; returns the metrics written to ``metrics.json``."""
-    set_threads(cfg.get("threads"))
+    set_cpu_threads(cfg.get("cpu_threads", "auto"), on_cpu=not torch.cuda.is_available())
     output_dir = shared_output_dir(cfg.paths.output_dir)
+    log.info("RL run directory: %s", output_dir)
     resume = find_checkpoint(cfg.resume) if cfg.get("resume") else None
     policy = cfg.policy if not OmegaConf.is_missing(cfg, "policy") else None
     if policy is None:
@@ -156,7 +148,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 prompts, golds, tokenizer, tensorboard,
                 num_samples=cfg.heldout.num_samples, every_n_steps=cfg.heldout.every_n_steps,
                 max_new_tokens=cfg.heldout.max_new_tokens, temperature=cfg.heldout.temperature,
-                top_p=cfg.heldout.top_p, batch_size=cfg.heldout.batch_size, seed=cfg.seed,
+                top_p=cfg.heldout.top_p, batch_size=cfg.heldout.batch_size,
+                max_batch_tokens=cfg.heldout.get("max_batch_tokens"), seed=cfg.seed,
                 classify=hydra.utils.get_method(classifier) if classifier else None,
             )  # fmt: skip
             callbacks.append(heldout)
