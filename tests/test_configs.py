@@ -7,6 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import ROOT, compose_config
+from sedsft.losses import LOSS_NAMES
 
 CONFIGS = ROOT / "configs"
 # Groups whose options are composed here; hydra/paths have one option, experiment and
@@ -15,6 +16,7 @@ GROUPS = ["data", "model", "loss", "trainer", "logger", "callbacks", "debug"]
 NEEDS = {  # options that need a value the user must give
     ("data", "local"): ["data.path=train.jsonl"],
     ("model", "hf"): ["model.name_or_path=some/model"],
+    ("data", "rl_hub"): ["data.name=some/dataset"],
 }
 
 
@@ -26,7 +28,9 @@ def options(group: str) -> list[str]:
     ("group", "option"), [(g, o) for g in GROUPS for o in options(g)], ids=lambda x: str(x)
 )
 def test_group_option_composes(tmp_path, cache_dir, group, option):
-    cfg = compose_config(tmp_path, cache_dir, f"{group}={option}", *NEEDS.get((group, option), []), shrink=False)
+    cfg = compose_config(
+        tmp_path, cache_dir, f"{group}={option}", *NEEDS.get((group, option), []), shrink=False
+    )
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     if group == "loss":
         loss = hydra.utils.instantiate(cfg.loss)
@@ -49,30 +53,62 @@ def test_sed_release_preset_differs_from_sed_only_in_the_quirks(tmp_path, cache_
     assert (release.top_k, release.calib_top_k, release.calib_positions) == (2, 10, "all")
 
 
+def test_toy_experiment_takes_any_loss(tmp_path, cache_dir):
+    # One toy experiment; the loss is picked with loss=<name>, so a new loss needs no file.
+    reference = compose_config(tmp_path, cache_dir, "experiment=toy", shrink=False)
+    assert reference.loss.name == "ce"  # train.yaml's default
+    for name in LOSS_NAMES:
+        cfg = compose_config(tmp_path, cache_dir, "experiment=toy", f"loss={name}", shrink=False)
+        assert cfg.loss.name == name
+        assert list(cfg.tags) == ["toy_lab", name]
+        for key in ("data", "model", "trainer", "optimizer", "scheduler", "callbacks", "seed"):
+            assert cfg[key] == reference[key], key
+        assert (
+            cfg.callbacks.generation_eval.sample_classifier == "sedsft.data.toy_math.classify_style"
+        )
+    assert sorted(p.stem for p in (CONFIGS / "experiment").glob("toy*.yaml")) == ["toy"]
 
-TOY_EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("toy_*.yaml") if p.stem != "toy_base")
+
+def loss_presets() -> set[str]:
+    """configs/loss files that preset another loss (their defaults name a loss config)."""
+    presets = set()
+    for path in (CONFIGS / "loss").glob("*.yaml"):
+        defaults = OmegaConf.load(path).get("defaults", [])
+        if any(d in options("loss") for d in defaults if isinstance(d, str)):
+            presets.add(path.stem)
+    return presets
 
 
-@pytest.mark.parametrize("experiment", TOY_EXPERIMENTS)
-def test_toy_experiments_differ_only_in_the_loss(tmp_path, cache_dir, experiment):
-    cfg = compose_config(tmp_path, cache_dir, f"experiment={experiment}", shrink=False)
-    reference = compose_config(tmp_path, cache_dir, "experiment=toy_ce", shrink=False)
-    assert cfg.loss.name == experiment.removeprefix("toy_")
-    for key in ("data", "model", "trainer", "optimizer", "scheduler", "callbacks", "seed"):
-        assert cfg[key] == reference[key], key
-    assert cfg.callbacks.generation_eval.sample_classifier == "sedsft.data.toy_math.classify_style"
+def test_every_registered_loss_has_one_config_and_back():
+    # A loss is one file plus configs/loss/<name>.yaml: the two sets must be the same.
+    assert loss_presets() == {"sed_release"}
+    plain = set(options("loss")) - loss_presets()
+    assert plain == set(LOSS_NAMES)
+    for name in plain:
+        assert OmegaConf.load(CONFIGS / "loss" / f"{name}.yaml").name == name
 
 
-def test_toy_grid_covers_every_loss_and_three_seeds(tmp_path, cache_dir):
+def sweep_jobs(overrides: list[str]) -> list[dict[str, str]]:
+    """The jobs Hydra's basic sweeper launches for ``hparams_search`` overrides, expanded
+    exactly as it does (globs included), without running them."""
     from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
-
-    from sedsft.losses import LOSS_NAMES
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose("train.yaml", overrides=["hparams_search=toy_grid"], return_hydra_config=True)
-    params = cfg.hydra.sweeper.params
-    assert {e.removeprefix("toy_") for e in params.experiment.split(",")} == set(LOSS_NAMES)
-    assert params.seed.split(",") == ["1", "2", "3"]
+        cfg = compose("train.yaml", overrides=overrides, return_hydra_config=True)
+        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+        params = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
+        (batch,) = BasicSweeper.split_arguments(parser.parse_overrides(params), None)
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    return [dict(o.split("=", 1) for o in job) for job in batch]
+
+
+def test_toy_grid_covers_every_loss_and_three_seeds():
+    jobs = sweep_jobs(["hparams_search=toy_grid"])
+    assert {job["experiment"] for job in jobs} == {"toy"}
+    assert {job["loss"] for job in jobs} == set(LOSS_NAMES)
+    assert sorted(job["seed"] for job in jobs) == sorted(["1", "2", "3"] * len(LOSS_NAMES))
+    assert len({(job["loss"], job["seed"]) for job in jobs}) == len(jobs) == 3 * len(LOSS_NAMES)

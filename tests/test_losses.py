@@ -12,7 +12,9 @@ import torch.nn.functional as F
 
 from sedsft.losses import (
     LOSS_NAMES,
+    LOSSES,
     SEDLoss,
+    TokenLoss,
     build_loss,
     tau_from_topk_mass,
     topk_mass,
@@ -23,38 +25,17 @@ IGNORE = -100
 
 
 # -- references ---------------------------------------------------------------------------
-def reference_per_token(name: str, z: torch.Tensor, y: torch.Tensor, **kw) -> torch.Tensor:
-    """Per-token loss [n] over the target rows ``z`` [n, V], ``y`` [n] (float64, autograd)."""
-    logp = torch.log_softmax(z, -1)
-    p = logp.exp()
-    logp_y = logp.gather(1, y[:, None]).squeeze(1)
-    p_y = logp_y.exp()
-    ce = -logp_y
-    if name == "ce":
-        return ce
-    if name == "sed":
-        with torch.no_grad():
-            mask = (p.topk(kw.get("top_k", 10), -1).values.sum(-1) < kw["tau"]).double()
-        return ce + kw.get("lam", 1.0) * mask * (p_y - 0.5) ** 2
-    if name == "sed_nomask":
-        return ce + kw.get("lam", 1.0) * (p_y - 0.5) ** 2
-    if name == "gem":
-        q = torch.softmax(z / kw.get("beta", 0.7), -1).detach()
-        if kw.get("h", "linear") == "linear":
-            w = torch.ones_like(q)
-        else:
-            w = torch.sigmoid(0.01 * (z - z.gather(1, y[:, None]))).detach()
-        return -(q * w * (logp_y[:, None] - logp)).sum(-1)
-    if name == "dft":
-        return -p_y.detach() * logp_y
-    if name == "entropy":
-        return ce - kw.get("lam", 0.1) * (-(p * logp).sum(-1))
-    raise AssertionError(name)
+# Each loss carries its float64 formula (``TokenLoss.reference``, by default its ``value``),
+# so every registered loss is checked here without editing this file.
+def reference_per_token(loss_fn, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-token loss [n] over the target rows ``z`` [n, V] (float64), ``y`` [n]."""
+    assert z.dtype == torch.float64
+    return loss_fn.reference(z, y)
 
 
-def reference_mean(name: str, logits: torch.Tensor, labels: torch.Tensor, **kw) -> torch.Tensor:
+def reference_mean(loss_fn, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     keep = labels != IGNORE
-    per = reference_per_token(name, logits[keep], labels[keep], **kw)
+    per = reference_per_token(loss_fn, logits[keep], labels[keep])
     return per.sum() / max(int(keep.sum()), 1)
 
 
@@ -76,7 +57,8 @@ def sed_tau_between(logits: torch.Tensor, labels: torch.Tensor, top_k: int) -> f
     return float((mass[i - 1] + mass[i]) / 2)
 
 
-CONFIGS = [
+# Knob variants worth a case of their own; every other registered loss runs with defaults.
+VARIANTS = [
     ("ce", {}),
     ("sed", {"lam": 1.3, "top_k": 3}),
     ("sed_nomask", {"lam": 0.8}),
@@ -85,28 +67,50 @@ CONFIGS = [
     ("dft", {}),
     ("entropy", {"lam": 0.3}),
 ]
+CONFIGS = VARIANTS + [(n, {}) for n in LOSS_NAMES if n not in {v for v, _ in VARIANTS}]
 CONFIG_IDS = [f"{n}-{kw.get('h', '')}" for n, kw in CONFIGS]
+ANALYTIC = [(n, kw) for n, kw in CONFIGS if LOSSES[n].has_analytic_gradient()]
+ANALYTIC_IDS = [f"{n}-{kw.get('h', '')}" for n, kw in ANALYTIC]
 
 
 def knobs_for(name, kw, logits, labels):
+    """``kw`` plus what the loss cannot run without: a tau for a loss still to calibrate,
+    between two neighbouring top-k masses of these logits."""
     kw = dict(kw)
-    if name == "sed":
-        kw["tau"] = sed_tau_between(logits, labels, kw["top_k"])
+    if getattr(build_loss(name, **kw), "needs_calibration", False):
+        kw["tau"] = sed_tau_between(logits, labels, kw.get("top_k", 10))
     return kw
 
 
+def make_loss(name, kw, analytic=True, **extra):
+    loss_fn = build_loss(name, **kw, **extra)
+    loss_fn.analytic = analytic
+    return loss_fn
+
+
+def test_every_loss_is_covered_and_every_builtin_has_an_analytic_gradient():
+    assert {n for n, _ in CONFIGS} == set(LOSS_NAMES)
+    assert {"ce", "sed", "sed_nomask", "gem", "dft", "entropy", "label_smoothing"} <= set(
+        LOSS_NAMES
+    )
+    assert {n for n, _ in ANALYTIC} == {"ce", "sed", "sed_nomask", "gem", "dft", "entropy"}
+    assert not LOSSES["label_smoothing"].has_analytic_gradient()
+
+
 # -- value and gradient ---------------------------------------------------------------------
+@pytest.mark.parametrize("analytic", [True, False], ids=["analytic", "autograd"])
 @pytest.mark.parametrize(("name", "kw"), CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize(("n", "vocab"), [(7, 11), (33, 257), (64, 1000)])
-def test_logits_path_matches_reference(name, kw, n, vocab):
+def test_logits_path_matches_reference(name, kw, n, vocab, analytic):
     logits, labels = make_batch(n, vocab, seed=n + vocab)
     kw = knobs_for(name, kw, logits, labels)
     x = logits.clone().requires_grad_()
-    out = build_loss(name, chunk_size=5, **kw)(x, labels)
+    loss_fn = make_loss(name, kw, analytic, chunk_size=5)
+    out = loss_fn(x, labels)
     out.loss.backward()
 
     ref_x = logits.double().requires_grad_()
-    ref = reference_mean(name, ref_x, labels, **kw)
+    ref = reference_mean(loss_fn, ref_x, labels)
     ref.backward()
     keep = labels != IGNORE
     assert out.num_tokens == int(keep.sum())
@@ -118,13 +122,85 @@ def test_logits_path_matches_reference(name, kw, n, vocab):
     assert torch.all(x.grad[~keep] == 0)
 
     z = logits.double()[keep]
-    ce_ref = reference_per_token("ce", z, labels[keep]).mean()
+    ce_ref = -torch.log_softmax(z, -1).gather(1, labels[keep][:, None]).mean()
     p = torch.softmax(z, -1)
     ent_ref = -(p * p.log()).sum(-1).mean()
     acc_ref = (z.argmax(-1) == labels[keep]).double().mean()
     torch.testing.assert_close(out.metrics["ce"].double(), ce_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.metrics["entropy"].double(), ent_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.metrics["top1_acc"].double(), acc_ref)
+
+
+@pytest.mark.parametrize(("name", "kw"), ANALYTIC, ids=ANALYTIC_IDS)
+@pytest.mark.parametrize("path", ["logits", "fused"])
+def test_analytic_gradient_equals_autograd_of_value(name, kw, path):
+    """A hand-derived gradient is only a speed-up: it must agree with autograd through the
+    loss's own ``value`` in float32 (same chunks, same engine), values and metrics too."""
+    n, dim, vocab = 48, 12, 700
+    logits, labels = make_batch(n, vocab, seed=41)
+    g = torch.Generator().manual_seed(42)
+    hidden, weight = torch.randn(n, dim, generator=g), torch.randn(vocab, dim, generator=g)
+    dense = logits if path == "logits" else hidden @ weight.T
+    kw = knobs_for(name, kw, dense, labels)
+    results = []
+    for analytic in (True, False):
+        loss_fn = make_loss(name, kw, analytic, chunk_size=7)
+        if path == "logits":
+            x = logits.clone().requires_grad_()
+            out = loss_fn(x, labels, return_token_stats=True)
+            out.loss.backward()
+            grads = [x.grad]
+        else:
+            h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+            out = loss_fn.fused(h, w, labels, return_token_stats=True)
+            out.loss.backward()
+            grads = [h.grad, w.grad]
+        results.append((out, grads))
+    (fast, fast_grads), (auto, auto_grads) = results
+    torch.testing.assert_close(fast.loss, auto.loss, rtol=1e-6, atol=1e-6)
+    assert fast.metrics.keys() == auto.metrics.keys()
+    for key in fast.metrics:
+        torch.testing.assert_close(fast.metrics[key], auto.metrics[key], rtol=1e-6, atol=1e-6)
+    for a, b in zip(fast_grads, auto_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(fast.token_stats["topk_mass"], auto.token_stats["topk_mass"])
+
+
+def test_autograd_path_is_chunked_and_keeps_the_caller_graph_apart():
+    """The autograd path runs one local graph per chunk (value sees at most chunk_size rows)
+    and never writes into the caller's logits."""
+    seen = []
+
+    class Probe(TokenLoss, register=False):
+        name = "probe"
+
+        def value(self, z, y):
+            seen.append(z.shape[0])
+            return torch.logsumexp(z, -1) - z.gather(1, y[:, None]).squeeze(1)
+
+    logits, labels = make_batch(40, 30, seed=43)
+    x = logits.clone().requires_grad_()
+    out = Probe(chunk_size=4)(x, labels)
+    out.loss.backward()
+    assert max(seen) <= 4 and sum(seen) == out.num_tokens
+    assert torch.equal(x.detach(), logits) and "probe" not in LOSSES
+    ce, ce_grad = run_with_grad(build_loss("ce", chunk_size=4), logits, labels)
+    torch.testing.assert_close(out.loss, ce.loss)
+    torch.testing.assert_close(x.grad, ce_grad, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():  # evaluation: no graph at all
+        assert Probe(chunk_size=4)(logits, labels).loss.grad_fn is None
+
+
+def test_loss_names_must_be_unique():
+    with pytest.raises(ValueError, match=r"loss name 'ce' of .*Dup is already taken by .*CELoss"):
+
+        class Dup(TokenLoss):
+            name = "ce"
+
+            def value(self, z, y):
+                return z[:, 0]
+
+    assert LOSSES["ce"].__name__ == "CELoss"
 
 
 def test_batched_shape_and_grad_output_scaling():
@@ -135,7 +211,7 @@ def test_batched_shape_and_grad_output_scaling():
     (2.5 * out.loss + out.loss_sum).backward()
 
     ref_x = logits.double().requires_grad_()
-    ref = reference_mean("sed_nomask", ref_x, labels)
+    ref = reference_mean(build_loss("sed_nomask"), ref_x, labels)
     n = int((labels != IGNORE).sum())
     (2.5 * ref + ref * n).backward()
     assert x.grad.shape == logits.shape
@@ -154,7 +230,7 @@ def test_shifted_logits_view_is_read_in_place(name, dtype):
     out = build_loss(name, chunk_size=5, **kw)(x[:, :-1], labels)
     out.loss.backward()
     ref_x = full.double().requires_grad_()
-    ref = reference_mean(name, ref_x[:, :-1].reshape(-1, 40), labels.reshape(-1), **kw)
+    ref = reference_mean(build_loss(name, **kw), ref_x[:, :-1].reshape(-1, 40), labels.reshape(-1))
     ref.backward()
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(out.loss.double(), ref.detach(), rtol=tol, atol=tol)
@@ -171,9 +247,10 @@ def test_backward_twice_is_refused():
         out.loss.backward()
 
 
+@pytest.mark.parametrize("analytic", [True, False], ids=["analytic", "autograd"])
 @pytest.mark.parametrize(("name", "kw"), CONFIGS, ids=CONFIG_IDS)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_fused_path_matches_reference(name, kw, with_bias):
+def test_fused_path_matches_reference(name, kw, with_bias, analytic):
     n, dim, vocab = 40, 16, 300
     g = torch.Generator().manual_seed(7)
     hidden = torch.randn(n, dim, generator=g)
@@ -185,15 +262,14 @@ def test_fused_path_matches_reference(name, kw, with_bias):
 
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     b = bias.clone().requires_grad_() if with_bias else None
-    out = build_loss(name, chunk_size=6, **kw).fused(
-        h.view(5, 8, dim), w, labels.view(5, 8), bias=b
-    )
+    loss_fn = make_loss(name, kw, analytic, chunk_size=6)
+    out = loss_fn.fused(h.view(5, 8, dim), w, labels.view(5, 8), bias=b)
     out.loss.backward()
 
     rh, rw = hidden.double().requires_grad_(), weight.double().requires_grad_()
     rb = bias.double().requires_grad_() if with_bias else None
     ref_logits = rh @ rw.T + (0 if rb is None else rb)
-    ref = reference_mean(name, ref_logits, labels, **kw)
+    ref = reference_mean(loss_fn, ref_logits, labels)
     ref.backward()
     torch.testing.assert_close(out.loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h.grad.double(), rh.grad, rtol=1e-4, atol=1e-5)
@@ -225,7 +301,7 @@ def test_fused_under_cpu_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = build_loss("ce", chunk_size=5).fused(hidden, weight, labels)
     out.loss.backward()
-    ref = reference_mean("ce", hidden.double() @ weight.detach().double().T, labels)
+    ref = reference_mean(build_loss("ce"), hidden.double() @ weight.detach().double().T, labels)
     assert weight.grad.dtype == torch.float32
     torch.testing.assert_close(out.loss.double(), ref, rtol=2e-2, atol=2e-2)
 
@@ -292,6 +368,65 @@ def test_sed_gradient_is_ce_gradient_times_row_factor():
     assert round(out.metrics["mask_frac"].item() * out.num_tokens) == int(mask.sum())
     reg = (2.0 * mask * (p_y - 0.5) ** 2).mean()
     torch.testing.assert_close(out.metrics["reg"].double(), reg, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ce", "sed", "gem", "entropy", "dft"])
+def test_large_vocabulary_paths_match_reference(name):
+    # V >= 8192 with a partial last block: per-row BLAS dots, block maxima, SED's bounds.
+    n, vocab = 30, 9000
+    logits, labels = make_batch(n, vocab, seed=51)
+    logits[-6:, 17] += 40.0  # peaked: p_max ~ 1 >= tau, unmasked by the lower bound
+    logits[8:14] *= 0.01  # flat: k p_max < tau, masked by the upper bound
+    kw = knobs_for(name, {}, logits, labels)
+    x = logits.clone().requires_grad_()
+    loss_fn = build_loss(name, chunk_size=7, **kw)
+    out = loss_fn(x, labels)
+    out.loss.backward()
+    ref_x = logits.double().requires_grad_()
+    ref = reference_mean(loss_fn, ref_x, labels)
+    ref.backward()
+    torch.testing.assert_close(out.loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=1e-4, atol=1e-7)
+    keep = labels != IGNORE
+    p = torch.softmax(logits.double()[keep], -1)
+    ent = -(p * p.log()).sum(-1).mean()
+    torch.testing.assert_close(out.metrics["entropy"].double(), ent, rtol=1e-5, atol=1e-5)
+    if name == "sed":
+        exact = (p.topk(10, -1).values.sum(-1) < kw["tau"]).double().mean()
+        assert out.metrics["mask_frac"].item() == pytest.approx(exact.item())
+
+
+@pytest.mark.parametrize("vocab", [9000, 8960])  # with and without a partial last block
+def test_sed_mask_bounds_decide_like_the_exact_top_k_mass(vocab):
+    """The cheap bounds (p_max <= c_k <= k p_max, and the mass of the k largest block maxima
+    <= c_k) must never decide a row differently from thresholding the exact float32 top-k
+    mass, at any tau (ties included); each bound must decide rows here."""
+    from sedsft.losses.engine import block_max
+    from sedsft.losses.sed.loss import sed_mask
+
+    g = torch.Generator().manual_seed(52)
+    z = torch.randn(300, vocab, generator=g) * torch.logspace(-2, 1.2, 300)[:, None]
+    z[::7, 3] += 30.0
+    lse = torch.logsumexp(z, -1)
+    bmax, zmax = block_max(z)
+    assert torch.equal(zmax, z.amax(-1))
+    for k in (1, 2, 10):
+        mass = torch.exp(topk_logits(z, k) - lse[:, None]).sum(-1)
+        p_max = torch.exp(zmax - lse)
+        low = torch.exp(bmax.topk(k, -1).values - lse[:, None]).sum(-1)
+        # tau >= 1 is decided exactly by design (test_sed_tau_one_equals_nomask...).
+        taus = [t for t in mass[::13].tolist() if t < 1] + torch.linspace(0, 0.999, 23).tolist()
+        decided = {"p_max": 0, "k p_max": 0, "block maxima": 0}
+        for tau in taus:
+            expected = (mass < tau).float()
+            assert torch.equal(sed_mask(z, lse, zmax, k, tau, bmax=bmax), expected), (k, tau)
+            assert torch.equal(sed_mask(z, lse, zmax, k, tau), expected), (k, tau)
+            decided["p_max"] += int((p_max >= tau).sum())
+            decided["k p_max"] += int((k * p_max * (1 + 1e-6 * k) < tau).sum())
+            decided["block maxima"] += int(((low >= tau) & (p_max < tau)).sum())
+        assert decided["p_max"] > 0, decided
+        if k > 1:
+            assert decided["k p_max"] > 0 and decided["block maxima"] > 0, decided
 
 
 def test_sed_mask_frac_matches_topk_mass_below_tau():
@@ -373,6 +508,23 @@ def test_token_stats():
 
 
 # -- exact values -----------------------------------------------------------------------------
+def test_label_smoothing_by_hand():
+    # The worked example (README "Add a loss"); these exact values are an extra: the
+    # parametrised tests above already cover it from its file alone.
+    # z = [0, log 3]: p = [1/4, 3/4]; y = 0, eps = 0.2.
+    z = torch.tensor([[0.0, math.log(3.0)]], requires_grad=True)
+    out = build_loss("label_smoothing", eps=0.2)(z, torch.tensor([0]))
+    out.loss.backward()
+    expected = 0.8 * math.log(4) + 0.2 * (math.log(4) + math.log(4 / 3)) / 2
+    assert out.loss.item() == pytest.approx(expected, rel=1e-6)
+    # d/dz = p - (1 - eps) e_y - eps / V = [1/4 - 0.8 - 0.1, 3/4 - 0.1]
+    torch.testing.assert_close(z.grad, torch.tensor([[-0.65, 0.65]]), rtol=1e-6, atol=1e-6)
+    uniform = build_loss("label_smoothing", eps=0.3)(torch.zeros(3, 50), torch.tensor([0, 7, 9]))
+    assert uniform.loss.item() == pytest.approx(math.log(50), rel=1e-6)
+    with pytest.raises(ValueError, match=r"eps must be in \[0, 1\)"):
+        build_loss("label_smoothing", eps=1.0)
+
+
 def test_dft_uniform_two_classes_is_half_ce():
     out = build_loss("dft")(torch.zeros(4, 2), torch.tensor([0, 1, 1, 0]))
     assert out.loss.item() == pytest.approx(math.log(2) / 2)
@@ -400,8 +552,9 @@ def test_zero_weight_regulariser_equals_ce(name, kw):
 
 # -- construction -------------------------------------------------------------------------------
 def test_bad_names_and_knobs_list_allowed_values():
-    with pytest.raises(ValueError, match=r"unknown loss 'focal'.*'ce'.*'sed'.*'entropy'"):
+    with pytest.raises(ValueError, match=r"unknown loss 'focal'; choose one of \[") as err:
         build_loss("focal")
+    assert all(f"'{name}'" in str(err.value) for name in LOSS_NAMES)
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['topk'\].*'top_k'.*'tau'"):
         build_loss("sed", topk=3)
     with pytest.raises(ValueError, match=r"\['beta'\].*allowed: \[\]|\['beta'\].*chunk_size"):
@@ -451,12 +604,33 @@ def test_plan_chunks_uses_views_for_runs_and_covers_everything():
     assert any(f is None for *_, f in plan) and sum(f is not None for *_, f in plan) >= 4
 
 
-@pytest.mark.parametrize(("vocab", "k"), [(3000, 1), (3000, 10), (1000, 2), (300, 10), (5, 10)])
+@pytest.mark.parametrize(
+    ("vocab", "k"), [(3000, 1), (3000, 10), (3072, 3), (1000, 2), (300, 10), (5, 10)]
+)
 def test_blocked_topk_matches_torch_topk(vocab, k):
+    from sedsft.losses.engine import block_max
+
     z = torch.randn(17, vocab)
     z[3] = torch.randint(0, 4, (vocab,)).float()  # heavy ties
     expected = z.topk(min(k, vocab), -1).values
     assert torch.equal(topk_logits(z, k), expected)
+    bmax, zmax = block_max(z)
+    assert torch.equal(zmax, z.amax(-1))
+    assert torch.equal(topk_logits(z, k, bmax), expected)
+    rows = torch.tensor([16, 3, 0, 3])
+    assert torch.equal(topk_logits(z, k, bmax, rows=rows), expected[rows])
+    assert torch.equal(topk_logits(z, k, rows=rows), expected[rows])
+
+
+def test_row_dot_matches_the_product_sum():
+    from sedsft.losses.engine import row_dot
+
+    g = torch.Generator().manual_seed(53)
+    for vocab in (100, 9000):  # multiply-and-sum, then one BLAS dot per row
+        a, b = torch.rand(5, vocab, generator=g), torch.rand(5, vocab, generator=g) - 0.2
+        expected = (a.double() * b.double()).sum(-1)
+        got = row_dot(a, b, torch.empty(5, vocab))
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_topk_mass_shapes_and_values():

@@ -1,6 +1,19 @@
-"""What every token loss shares: the output record, knob checks, and the two entry points
-(``forward`` on logits, ``fused`` on hidden states + LM head) that hand the per-chunk math
-of a subclass to the chunked engine."""
+"""The loss contract: what a token loss states, what it may add, and how it registers.
+
+A loss is one subclass of ``TokenLoss`` in one file under ``sedsft/losses/``:
+
+- ``name``: its registry key and the ``configs/loss/<name>.yaml`` it is chosen with;
+  defining the class registers it (``__init_subclass__``), and the registry imports every
+  module of the package, so dropping the file in is enough.
+- ``value(z, y)``: the per-token loss [C] of float32 logits ``z`` [C, V] and targets
+  ``y`` [C], written with differentiable torch ops. This is the definition: the engine
+  takes its gradient by autograd, one chunk of rows at a time (as Liger-Kernel's chunked
+  losses do), so memory stays bounded by the chunk and never grows with ``N x V``.
+- ``chunk(c)`` (optional): the same loss with a hand-derived gradient written into
+  ``c.buf``, reusing the engine's softmax; a speed-up only, checked against ``value``'s
+  autograd gradient by the tests for every loss that has one.
+- ``reference(z, y)`` (optional): a float64 formula for the tests; defaults to ``value``.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from sedsft.losses.engine import Chunk, ChunkResult, fused_loss, logits_loss
+
+# name -> loss class, filled by TokenLoss.__init_subclass__ (read it through registry.py).
+REGISTRY: dict[str, type[TokenLoss]] = {}
 
 
 @dataclass
@@ -53,17 +69,34 @@ def check_lam(value: float) -> float:
 
 
 class TokenLoss(nn.Module):
-    """Base class: a subclass implements ``chunk`` (value and gradient for a chunk of target
-    rows) and may list extra per-token metrics in ``extra_metrics``.
+    """Base class of every token loss (module docstring: the contract).
 
     Args:
         chunk_size: rows per chunk; ``None`` picks ``max(1, 2**24 // V)`` (64 MiB per
             float32 chunk buffer).
         stats_top_k: k of the ``topk_mass`` token statistic (SED uses its own ``top_k``).
+
+    ``analytic``: use ``chunk`` when the class defines one (default); ``False`` makes the
+    engine take the gradient of ``value`` by autograd instead (the tests compare both).
     """
 
     name: ClassVar[str] = ""
     extra_metrics: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, register: bool = True, **kwargs):
+        """Register every subclass that sets its own ``name`` (``register=False`` opts out,
+        e.g. for a throwaway class in a test)."""
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name")
+        if not register or not name:
+            return
+        other = REGISTRY.get(name)
+        if other is not None and other.__qualname__ != cls.__qualname__:
+            raise ValueError(
+                f"loss name {name!r} of {cls.__module__}.{cls.__qualname__} is already taken by "
+                f"{other.__module__}.{other.__qualname__}; give the new class another `name`"
+            )
+        REGISTRY[name] = cls
 
     def __init__(self, chunk_size: int | None = None, stats_top_k: int = 10):
         super().__init__()
@@ -71,23 +104,46 @@ class TokenLoss(nn.Module):
         check_positive_int("stats_top_k", stats_top_k)
         self.chunk_size = chunk_size
         self.stats_top_k = stats_top_k
+        self.analytic = True
+        # Chunk buffers kept between calls on the CPU (engine._LazyBuffer): not state.
+        self.scratch: dict = {}
 
-    # -- hooks for subclasses -------------------------------------------------------------
-    @property
-    def needs_top_k(self) -> int | None:
-        """k of the top-k mass the loss math itself needs (``Chunk.topk_mass``), or None."""
-        return None
+    # -- what a loss states ---------------------------------------------------------------
+    def value(self, z: Tensor, y: Tensor) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        """Per-token loss [C] of logits ``z`` [C, V] (float32, or float64 in the tests) and
+        targets ``y`` [C] int64, differentiable in ``z``; optionally also a dict of extra
+        per-token metrics [C] (names listed in ``extra_metrics``), averaged over tokens."""
+        raise NotImplementedError(f"{type(self).__name__} must define value(z, y)")
+
+    def reference(self, z: Tensor, y: Tensor) -> Tensor:
+        """Per-token float64 loss [C] the tests compare against (autograd gives the reference
+        gradient); by default ``value``. Override it to state the formula independently."""
+        out = self.value(z, y)
+        return out[0] if isinstance(out, tuple) else out
+
+    def chunk(self, c: Chunk) -> ChunkResult:
+        """Optional analytic path: per-token loss [C] and, when ``c.need_grad``, its gradient
+        ``d loss / d z`` left in ``c.buf`` (which holds ``softmax(z)`` on entry)."""
+        raise NotImplementedError
+
+    @classmethod
+    def has_analytic_gradient(cls) -> bool:
+        return cls.chunk is not TokenLoss.chunk
 
     @property
     def stats_top_k_effective(self) -> int:
-        return self.needs_top_k or self.stats_top_k
-
-    def chunk(self, c: Chunk) -> ChunkResult:
-        """Per-token loss [C] and, when ``c.need_grad``, its gradient left in ``c.buf``."""
-        raise NotImplementedError
+        """k of the ``topk_mass`` token statistic."""
+        return self.stats_top_k
 
     def _before_call(self) -> None:
         """Checks that the loss can run (SED: ``tau`` known)."""
+
+    # -- what the engine calls ---------------------------------------------------------------
+    def run_chunk(self, c: Chunk) -> ChunkResult:
+        """The analytic ``chunk`` when there is one and ``analytic`` is on, else autograd."""
+        if self.analytic and self.has_analytic_gradient():
+            return self.chunk(c)
+        return autograd_chunk(self, c)
 
     # -- entry points -----------------------------------------------------------------------
     def forward(
@@ -127,6 +183,30 @@ class TokenLoss(nn.Module):
         denom = max(n, 1)
         metrics = {name: (value / denom).detach() for name, value in result.metric_sums.items()}
         return LossOutput(loss_sum / denom, loss_sum, n, metrics, result.token_stats)
+
+
+def split_value(out: Tensor | tuple[Tensor, dict[str, Tensor]]) -> tuple[Tensor, dict[str, Tensor]]:
+    """``value``'s answer as (per-token loss, extras)."""
+    return out if isinstance(out, tuple) else (out, {})
+
+
+def autograd_chunk(loss: TokenLoss, c: Chunk) -> ChunkResult:
+    """One chunk through ``loss.value`` with its gradient by a local autograd pass.
+
+    The graph covers this chunk only: it holds a few ``[C, V]`` float32 tensors and is
+    freed before the next chunk, so memory stays bounded by the chunk size, as on the
+    analytic path. ``c.z`` may be a view of the caller's logits: it is detached, never
+    written.
+    """
+    if not c.need_grad:
+        per, extras = split_value(loss.value(c.z, c.y))
+        return ChunkResult(per.detach(), extras={k: v.detach() for k, v in extras.items()})
+    with torch.enable_grad():
+        z = c.z.detach().requires_grad_()
+        per, extras = split_value(loss.value(z, c.y))
+        (grad,) = torch.autograd.grad(per.sum(), z)
+    c.buf.copy_(grad)
+    return ChunkResult(per.detach(), extras={k: v.detach() for k, v in extras.items()})
 
 
 def _check_labels(lead_shape: torch.Size, labels: Tensor) -> None:

@@ -8,6 +8,9 @@ factor, which the engine applies for free.
 
 from __future__ import annotations
 
+import torch
+from torch import Tensor
+
 from sedsft.losses.base import TokenLoss
 from sedsft.losses.engine import Chunk, ChunkResult, subtract_onehot_
 
@@ -16,6 +19,10 @@ class DFTLoss(TokenLoss):
     """``-sg(p_y) log p_y``."""
 
     name = "dft"
+
+    def value(self, z: Tensor, y: Tensor) -> Tensor:
+        logp_y = torch.log_softmax(z, -1).gather(1, y.unsqueeze(1)).squeeze(1)
+        return -logp_y.detach().exp() * logp_y
 
     def chunk(self, c: Chunk) -> ChunkResult:
         p_y = c.p_y

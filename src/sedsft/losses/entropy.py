@@ -9,6 +9,7 @@ Since ``dH/dz_j = -p_j (log p_j + H)``, the gradient is
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from sedsft.losses.base import TokenLoss, check_lam
 from sedsft.losses.engine import Chunk, ChunkResult, subtract_onehot_
@@ -32,6 +33,12 @@ class EntropyLoss(TokenLoss):
 
     def extra_repr(self) -> str:
         return f"lam={self.lam}"
+
+    def value(self, z: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        logp = torch.log_softmax(z, -1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        reg = -self.lam * entropy
+        return -logp.gather(1, y.unsqueeze(1)).squeeze(1) + reg, {"reg": reg}
 
     def chunk(self, c: Chunk) -> ChunkResult:
         reg = -self.lam * c.entropy

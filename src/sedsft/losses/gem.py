@@ -11,9 +11,10 @@ and ``w_v = 1`` (``h = "linear"``) or ``w_v = sg(sigmoid(0.01 (z_v - z_y)))``
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from sedsft.losses.base import TokenLoss, check
-from sedsft.losses.engine import Chunk, ChunkResult, subtract_onehot_
+from sedsft.losses.engine import Chunk, ChunkResult, row_dot, subtract_onehot_
 
 GEM_H = ("linear", "logsigmoid")
 
@@ -40,12 +41,22 @@ class GEMLoss(TokenLoss):
     def extra_repr(self) -> str:
         return f"beta={self.beta}, h={self.h!r}"
 
+    def value(self, z: Tensor, y: Tensor) -> Tensor:
+        logp = torch.log_softmax(z, -1)
+        logp_y = logp.gather(1, y.unsqueeze(1))
+        with torch.no_grad():
+            weight = torch.softmax(z / self.beta, -1)  # q
+            if self.h == "logsigmoid":
+                weight = weight * torch.sigmoid(0.01 * (z - z.gather(1, y.unsqueeze(1))))
+        return -(weight * (logp_y - logp)).sum(-1)
+
     def chunk(self, c: Chunk) -> ChunkResult:
-        # The engine is done with p: overwrite buf with q.
+        # The engine is done with p: overwrite buf with q. (q = p^(1/beta) / sum p^(1/beta)
+        # would reuse p, but a float pow costs several softmaxes on the CPU.)
         torch.mul(c.z, 1.0 / self.beta, out=c.tmp)
         torch.softmax(c.tmp, dim=-1, out=c.buf)
         if self.h == "linear":
-            value = torch.mul(c.buf, c.z, out=c.tmp).sum(-1) - c.z_y
+            value = row_dot(c.buf, c.z, c.tmp) - c.z_y
             if c.need_grad:
                 subtract_onehot_(c.buf, c.y)
             return ChunkResult(value)
@@ -53,7 +64,7 @@ class GEMLoss(TokenLoss):
         torch.add((-0.01 * c.z_y).unsqueeze(1), c.z, alpha=0.01, out=c.tmp).sigmoid_()
         c.buf.mul_(c.tmp)  # a = q * w
         mass = c.buf.sum(-1)
-        value = torch.mul(c.buf, c.z, out=c.tmp).sum(-1) - c.z_y * mass
+        value = row_dot(c.buf, c.z, c.tmp) - c.z_y * mass
         if c.need_grad:
             subtract_onehot_(c.buf, c.y, mass)
         return ChunkResult(value)

@@ -1,20 +1,31 @@
-"""Name -> loss class, and ``build_loss`` with knob validation."""
+"""Name -> loss class, and ``build_loss`` with knob validation.
+
+Loss classes register themselves when defined (``TokenLoss.__init_subclass__``); importing
+this module first imports every module of the ``sedsft.losses`` package, so a loss is
+known as soon as its file exists: no list to edit here.
+"""
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 
-from sedsft.losses.base import TokenLoss
-from sedsft.losses.ce import CELoss
-from sedsft.losses.dft import DFTLoss
-from sedsft.losses.entropy import EntropyLoss
-from sedsft.losses.gem import GEMLoss
-from sedsft.losses.sed import SEDLoss, SEDNoMaskLoss
+import sedsft.losses as _package
+from sedsft.losses.base import REGISTRY, TokenLoss
 
-LOSSES: dict[str, type[TokenLoss]] = {
-    cls.name: cls for cls in (CELoss, SEDLoss, SEDNoMaskLoss, GEMLoss, DFTLoss, EntropyLoss)
-}
-LOSS_NAMES: tuple[str, ...] = tuple(LOSSES)
+
+def _import_all() -> None:
+    """Import every module under ``sedsft/losses/`` (sub-packages too), so that each loss
+    file's classes run their registration."""
+    for info in pkgutil.walk_packages(_package.__path__, prefix=_package.__name__ + "."):
+        if info.name != __name__:
+            importlib.import_module(info.name)
+
+
+_import_all()
+LOSSES: dict[str, type[TokenLoss]] = REGISTRY  # live: classes defined later join it too
+LOSS_NAMES: tuple[str, ...] = tuple(sorted(REGISTRY))  # every loss of the package
 
 
 def loss_knobs(name: str) -> tuple[str, ...]:
@@ -27,7 +38,10 @@ def build_loss(name: str, **knobs) -> TokenLoss:
     """``build_loss("sed", lam=1.0, top_k=10, tau=0.9)``; raises ``ValueError`` naming
     the allowed choices for an unknown loss, an unknown knob or an out-of-range value."""
     if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose one of {list(LOSS_NAMES)}")
+        raise ValueError(
+            f"unknown loss {name!r}; choose one of {sorted(LOSSES)} "
+            "(a loss is a TokenLoss subclass with that `name` in a file under sedsft/losses/)"
+        )
     allowed = loss_knobs(name)
     unknown = sorted(set(knobs) - set(allowed))
     if unknown:

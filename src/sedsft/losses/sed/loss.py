@@ -8,7 +8,11 @@ space). ``tau`` is calibrated once on the initial model (``calibration.calibrate
 
 Gradient: ``d (p_y - 1/2)^2 / dz = -2 (p_y - 1/2) p_y (p - e_y)``, so the whole gradient is
 CE's ``p - e_y`` times the per-row factor ``1 - 2 lam m (p_y - 1/2) p_y``: SED costs CE plus
-the top-k mass.
+the mask. The mask needs ``c_k`` only near ``tau``: with ``p_max`` the largest probability,
+``p_max <= c_k <= k p_max``, so ``p_max >= tau`` (unmasked) and ``k p_max < tau`` (masked)
+decide a row from the softmax the engine already has; the mass of the k largest block
+maxima (another lower bound) decides most others, and the exact top-k mass is computed
+for the remaining rows only (``sed_mask``).
 
 ``sed_nomask`` (the paper's "SED-SFT w/o mask" ablation) applies the regulariser everywhere.
 """
@@ -21,8 +25,70 @@ import torch
 from torch import Tensor
 
 from sedsft.losses.base import TokenLoss, check, check_lam, check_positive_int
-from sedsft.losses.engine import Chunk, ChunkResult, subtract_onehot_
+from sedsft.losses.engine import Chunk, ChunkResult, subtract_onehot_, topk_logits
 from sedsft.losses.sed.calibration import CALIB_POSITIONS, tau_from_topk_mass
+
+# Relative slack of the masked bound ``k p_max < tau``: the float32 sum of k terms, each at
+# most p_max, can exceed k p_max by rounding (< k * 2**-23 relative); rows inside the slack
+# go to the exact top-k, so the bound never decides a row differently from it.
+_BOUND_SLACK_PER_TERM = 1e-6
+
+
+def sed_mask(
+    z: Tensor,
+    lse: Tensor,
+    zmax: Tensor,
+    top_k: int,
+    tau: float,
+    mass: Tensor | None = None,
+    bmax: Tensor | None = None,
+) -> Tensor:
+    """``1[c_k < tau]`` as float [C] for logits ``z`` [C, V] with log-sum-exp ``lse`` [C] and
+    row maxima ``zmax`` [C]; identical to thresholding the exact
+    ``c_k = sum exp(topk(z) - lse)``, which is given as ``mass`` [C] or computed only for the
+    rows the bounds ``p_max <= c_k <= k p_max`` leave open (from the block maxima ``bmax``
+    when given, so an open row costs only its top-k candidates).
+    """
+    vocab = z.shape[1]
+    # Decided in exact arithmetic at the ends, where float rounding of c_k matters:
+    # c_k == 1 when k >= V (never masked), and c_k < 1 = tau whenever k < V.
+    if top_k >= vocab:
+        return torch.zeros_like(lse)
+    if tau >= 1.0:
+        return torch.ones_like(lse)
+    if mass is not None:
+        return (mass < tau).to(lse.dtype)
+    if z.device.type != "cpu":
+        # One exact pass: cheaper on an accelerator than the host sync that picking rows needs.
+        mass = torch.exp(topk_logits(z, top_k, bmax) - lse.unsqueeze(1)).sum(-1)
+        return (mass < tau).to(lse.dtype)
+    p_max = torch.exp(zmax - lse)  # the exact sum's first term, bit for bit
+    masked = p_max * (top_k * (1.0 + _BOUND_SLACK_PER_TERM * top_k)) < tau
+    # float sums of non-negative terms only grow, so c_k >= p_max >= tau holds in float too.
+    open_rows = torch.nonzero(~masked & (p_max < tau)).flatten()
+    mask = masked.to(lse.dtype)
+    best = None
+    blocks = 0 if bmax is None else bmax.shape[1]
+    if open_rows.numel() and blocks > 2 * top_k:
+        # A second lower bound: the k largest block maxima are k distinct entries, each at
+        # most its rank's entry of the true top-k, so their (same-order) float sum is at
+        # most c_k. When the top k fall in k different blocks it equals c_k.
+        top_blocks = bmax.index_select(0, open_rows).topk(top_k, dim=-1)
+        low = torch.exp(top_blocks.values - lse.index_select(0, open_rows).unsqueeze(1))
+        still = low.sum(-1) < tau
+        open_rows, best = open_rows[still], top_blocks.indices[still]
+    if open_rows.numel():
+        top = topk_logits(z, top_k, bmax, rows=open_rows, best=best)
+        exact = torch.exp(top - lse.index_select(0, open_rows).unsqueeze(1)).sum(-1)
+        mask.index_copy_(0, open_rows, (exact < tau).to(lse.dtype))
+    return mask
+
+
+def _sed_value(z: Tensor, y: Tensor, lam: float, mask: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Autograd form shared by ``sed`` and ``sed_nomask``; ``mask`` [C] 0/1, no gradient."""
+    logp_y = torch.log_softmax(z, -1).gather(1, y.unsqueeze(1)).squeeze(1)
+    reg = lam * mask * (logp_y.exp() - 0.5).square()
+    return -logp_y + reg, {"reg": reg, "mask_frac": mask}
 
 
 def _sed_chunk(c: Chunk, lam: float, mask: Tensor) -> ChunkResult:
@@ -99,7 +165,7 @@ class SEDLoss(TokenLoss):
         return f"lam={self.lam}, top_k={self.top_k}, tau={float(self.tau):.6g}"
 
     @property
-    def needs_top_k(self) -> int:
+    def stats_top_k_effective(self) -> int:
         return self.top_k
 
     @property
@@ -139,15 +205,15 @@ class SEDLoss(TokenLoss):
                 "(loss.calibrate(topk_masses) or loss.set_tau(value)), or pass tau=..."
             )
 
+    def value(self, z: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        with torch.no_grad():
+            lse = torch.logsumexp(z, -1)
+            mass = torch.exp(topk_logits(z, self.top_k) - lse.unsqueeze(1)).sum(-1)
+            mask = sed_mask(z, lse, z.amax(-1), self.top_k, float(self.tau), mass)
+        return _sed_value(z, y, self.lam, mask)
+
     def chunk(self, c: Chunk) -> ChunkResult:
-        # Decided in exact arithmetic at the ends, where float rounding of c_k matters:
-        # c_k == 1 when k >= V (never masked), and c_k < 1 = tau whenever k < V.
-        if self.top_k >= c.z.shape[1]:
-            mask = torch.zeros_like(c.lse)
-        elif self._tau >= 1.0:
-            mask = torch.ones_like(c.lse)
-        else:
-            mask = (c.topk_mass < self._tau).float()
+        mask = sed_mask(c.z, c.lse, c.zmax, self.top_k, self._tau, c.topk_mass, c.bmax)
         return _sed_chunk(c, self.lam, mask)
 
 
@@ -163,6 +229,9 @@ class SEDNoMaskLoss(TokenLoss):
 
     def extra_repr(self) -> str:
         return f"lam={self.lam}"
+
+    def value(self, z: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        return _sed_value(z, y, self.lam, torch.ones_like(z[:, 0]))
 
     def chunk(self, c: Chunk) -> ChunkResult:
         return _sed_chunk(c, self.lam, torch.ones_like(c.lse))
