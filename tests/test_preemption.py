@@ -16,6 +16,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import ROOT
 from test_resume import BATCH, N_TRAIN, checkpoint, expected_rows
@@ -25,7 +26,11 @@ STEPS = 6
 
 @pytest.mark.slow
 def test_sigterm_on_the_cli_exits_143_and_the_printed_command_resumes(tmp_path, cache_dir):
-    env = {**os.environ, "SEDSFT_CACHE": str(cache_dir), "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}"}
+    env = {
+        **os.environ,
+        "SEDSFT_CACHE": str(cache_dir),
+        "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}",
+    }
     rows_log = tmp_path / "rows.jsonl"
     command = [
         sys.executable, "src/train.py", f"paths.log_dir={tmp_path}",
@@ -36,12 +41,23 @@ def test_sigterm_on_the_cli_exits_143_and_the_printed_command_resumes(tmp_path, 
         f"+callbacks.rows.path={rows_log}",
     ]  # fmt: skip
     pause = ["+callbacks.rows.pause=6", "+callbacks.rows.pause_after=2"]
-    run = subprocess.Popen([*command, *pause], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = subprocess.Popen(
+        [*command, *pause],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 240
     while not (tmp_path / "paused").exists() and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert (tmp_path / "paused").exists(), run.communicate()[0][-3000:] if run.poll() is not None else "no pause"
-    os.kill(run.pid, signal.SIGTERM)  # while step 3's batch waits: step 3 finishes, then the run stops
+    assert (tmp_path / "paused").exists(), (
+        run.communicate()[0][-3000:] if run.poll() is not None else "no pause"
+    )
+    os.kill(
+        run.pid, signal.SIGTERM
+    )  # while step 3's batch waits: step 3 finishes, then the run stops
     output = run.communicate(timeout=120)[0]
     assert run.returncode == 143, output[-3000:]
 
@@ -55,10 +71,82 @@ def test_sigterm_on_the_cli_exits_143_and_the_printed_command_resumes(tmp_path, 
 
     # the printed command, without the test's pause, resumes: steps 4..6 on the unseen batches
     args = [a for a in args[1:] if a not in pause]
-    resumed = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     logged = [json.loads(line) for line in rows_log.read_text().splitlines()]
     assert [entry["step"] for entry in logged] == list(range(1, STEPS + 1))
     assert [entry["rows"] for entry in logged] == expected_rows(42, STEPS)
-    new_dir = next(p for p in (tmp_path / "train" / "runs").iterdir() if p != run_dir)  # a directory of its own
+    new_dir = next(
+        p for p in (tmp_path / "train" / "runs").iterdir() if p != run_dir
+    )  # a directory of its own
     assert checkpoint(new_dir / "checkpoints" / "last.ckpt")["global_step"] == STEPS
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_loses_only_the_steps_since_last_ckpt(tmp_path, cache_dir):
+    """SIGKILL cannot be caught: what survives is last.ckpt. Written every 2 steps here (the
+    default is every 15 minutes), a run killed in step 4 resumes from step 2 and ends with
+    the weights of a run that was never killed."""
+    env = {
+        **os.environ,
+        "SEDSFT_CACHE": str(cache_dir),
+        "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}",
+    }
+
+    def command(out, rows, *extra):
+        return [
+            sys.executable, "src/train.py", f"hydra.run.dir={out}", "model.pretrain_steps=4", "loss=sed",
+            "loss.calib_num_examples=8", f"data.train.n={N_TRAIN}", "data.val.n=8", f"data.batch_size={BATCH}",
+            f"trainer.max_steps={STEPS}", "trainer.max_epochs=3", "trainer.deterministic=true", "data.num_workers=0",
+            "+trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+            "~callbacks.generation_eval", "~callbacks.hf_export", "~callbacks.lr_monitor", "logger=[]",
+            "callbacks.model_checkpoint.monitor=null", "callbacks.model_checkpoint.every_n_train_steps=2",
+            "+callbacks.rows._target_=test_resume.RowLog", f"+callbacks.rows.path={rows}", *extra,
+        ]  # fmt: skip
+
+    reference = subprocess.run(
+        command(tmp_path / "ref", tmp_path / "ref_rows.jsonl"),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    rows = tmp_path / "rows.jsonl"
+    run = subprocess.Popen(
+        command(tmp_path / "run", rows, "+callbacks.rows.pause=30", "+callbacks.rows.pause_after=3"),
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "paused").exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (tmp_path / "paused").exists(), (
+        run.communicate()[0][-3000:] if run.poll() is not None else "no pause"
+    )
+    os.kill(run.pid, signal.SIGKILL)  # in step 4, mid-epoch (4 steps per epoch); step 3 is lost
+    run.communicate(timeout=60)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
+    assert checkpoint(last)["global_step"] == 2
+
+    resumed = subprocess.run(
+        command(tmp_path / "resumed", rows, f"ckpt_path={last}"), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    logged = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert [e["step"] for e in logged] == [1, 2, 3, 3, 4, 5, 6]  # step 3 again after the kill
+    assert [e["rows"] for e in logged[3:]] == expected_rows(42, STEPS, start=2)
+    a = checkpoint(tmp_path / "ref" / "checkpoints" / "last.ckpt")
+    b = checkpoint(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == STEPS
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, b["state_dict"][name]), name
+    ref_metrics = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    assert (
+        json.loads((tmp_path / "resumed" / "metrics.json").read_text())["train/loss"]
+        == ref_metrics["train/loss"]
+    )

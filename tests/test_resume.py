@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -25,11 +26,12 @@ import yaml
 
 from conftest import ROOT, compose_config
 from sedsft.losses.sed import calibration
+from sedsft.sft.callbacks import checkpoint as checkpoint_callback
 from sedsft.sft.module import SFTModule
 from sedsft.sft.training import train
 
 N_TRAIN, BATCH, MAX_STEPS = 32, 8, 6  # 4 batches per epoch: the runs cross an epoch boundary
-RUN = [
+BASE = [  # the defaults of callbacks.model_checkpoint: best by val/loss, last.ckpt every 15 minutes
     "loss=sed",
     f"data.train.n={N_TRAIN}",
     "data.val.n=8",
@@ -37,15 +39,18 @@ RUN = [
     f"trainer.max_steps={MAX_STEPS}",
     "trainer.max_epochs=3",
     "trainer.deterministic=true",
-    "+trainer.limit_val_batches=0",
     "data.num_workers=0",
     "loss.calib_num_examples=8",
     "~callbacks.generation_eval",
     "~callbacks.hf_export",
     "~callbacks.lr_monitor",
-    "callbacks.model_checkpoint.monitor=null",
-    "callbacks.model_checkpoint.every_n_train_steps=1",
     "logger=[]",
+]
+RUN = [  # no validation; last.ckpt at every step boundary (the time trigger with a zero interval)
+    *BASE,
+    "+trainer.limit_val_batches=0",
+    "callbacks.model_checkpoint.monitor=null",
+    "callbacks.model_checkpoint.every_minutes=0",
 ]
 
 
@@ -163,15 +168,45 @@ def test_sigterm_exits_non_zero_with_a_checkpoint_that_resumes(tmp_path, cache_d
         train(cfg)
     assert stopped.value.code == 143  # not 0: a pre-empted run is not a completed one
     assert trace["steps"] == full[:3]
-    on_exception = tmp_path / "checkpoints" / "on_exception.ckpt"
-    assert checkpoint(on_exception)["global_step"] == 3
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert checkpoint(last)["global_step"] == 3
+    # last.ckpt was written at this very step: no on_exception.ckpt copy of the same state
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
     assert "stopped by SIGTERM at step 3 (pre-empted?); exit status 143; resume with:" in caplog.text
-    assert f"ckpt_path={on_exception}" in caplog.text
+    assert f"ckpt_path={last}" in caplog.text
 
     trace.update(steps=[], calibrations=0)
-    metrics = train(compose_config(tmp_path / "resumed", cache_dir, *RUN, f"ckpt_path={on_exception}"))
+    metrics = train(compose_config(tmp_path / "resumed", cache_dir, *RUN, f"ckpt_path={last}"))
     assert trace["steps"] == full[3:]  # the unseen batches, same losses
     assert metrics["train/loss"] == uninterrupted["metrics"]["train/loss"]
+
+
+def test_last_checkpoint_every_15_minutes_before_any_validation(tmp_path, cache_dir, trace, uninterrupted, monkeypatch):
+    """The default knobs (best by val/loss, validated at the end of each 4-step epoch;
+    last.ckpt every 15 minutes) on a clock where every step takes 5 minutes: a run killed in
+    step 4 has last.ckpt from step 3 (15 minutes), not nothing until the end of the epoch."""
+    monkeypatch.setattr(checkpoint_callback, "time", SimpleNamespace(monotonic=lambda: 300.0 * len(trace["steps"])))
+    trace["stop_at"] = 3
+    with pytest.raises(Interrupted):
+        train(compose_config(tmp_path, cache_dir, *BASE))
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert checkpoint(last)["global_step"] == 3
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]  # no validation yet: no best file
+
+    trace.update(steps=[], stop_at=None, calibrations=0)
+    train(compose_config(tmp_path / "resumed", cache_dir, *BASE, f"ckpt_path={last}"))
+    assert trace["steps"] == uninterrupted["steps"][3:]  # the uninterrupted run's batches and losses
+
+
+def test_last_and_best_of_one_step_are_one_file(tmp_path, cache_dir):
+    """One epoch of 4 steps, last.ckpt at every step boundary and validation at the end: the
+    best file and last.ckpt hold step 4, stored once (last.ckpt links to the best file)."""
+    train(compose_config(tmp_path, cache_dir, *BASE, "trainer.max_steps=4", "trainer.max_epochs=1", "callbacks.model_checkpoint.every_minutes=0"))
+    folder = tmp_path / "checkpoints"
+    last, best = folder / "last.ckpt", folder / "best_step_000004.ckpt"
+    assert sorted(p.name for p in folder.iterdir()) == ["best_step_000004.ckpt", "last.ckpt"]
+    assert last.is_symlink() and last.resolve() == best.resolve() and best.is_file() and not best.is_symlink()
+    assert checkpoint(last)["global_step"] == 4
 
 
 def test_sigterm_without_checkpoint_callbacks_still_exits_non_zero(tmp_path, cache_dir, caplog):

@@ -11,6 +11,8 @@ from typing import Any
 
 import lightning as L
 
+from sedsft.sft.callbacks.checkpoint import Checkpoints
+
 log = logging.getLogger(__name__)
 
 # 128 + SIGTERM: what a shell reports for a process ended by SIGTERM. Lightning ends a fit
@@ -20,8 +22,8 @@ PREEMPTED_EXIT_CODE = 143
 
 
 class ExceptionCheckpoint(L.Callback):
-    """Saves ``<dirpath>/<filename>.ckpt`` when fit stops on an exception, Ctrl-C or SIGTERM,
-    and logs the command that resumes from it.
+    """Saves ``<dirpath>/<filename>.ckpt`` when fit stops on an exception, Ctrl-C or SIGTERM
+    (unless ``last.ckpt`` already holds that step), and logs the command that resumes.
 
     Lightning ships ``OnExceptionCheckpoint``, but its presence makes every
     ``fit(ckpt_path=None)`` resolve to ``"last"`` (an implicit resume, with a warning on
@@ -34,16 +36,23 @@ class ExceptionCheckpoint(L.Callback):
 
     def __init__(self, dirpath: str, filename: str = "on_exception"):
         self.path = Path(dirpath) / f"{filename}.ckpt"
-        self.written = False
+        self.resume_from: Path | None = None  # the checkpoint that resumes the stopped run
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if trainer.state.fn != "fit" or trainer.global_step == 0:
             return
-        trainer.save_checkpoint(self.path)
-        self.written = True
+        # last.ckpt written at this step holds this very state (taken on the step boundary,
+        # so it is exact even inside gradient accumulation): no second copy
+        self.resume_from = next(
+            (path for cb in trainer.callbacks if isinstance(cb, Checkpoints) and (path := cb.holds(trainer.global_step))),
+            None,
+        )
+        if self.resume_from is None:
+            trainer.save_checkpoint(self.path)
+            self.resume_from = self.path
         log.warning(
             "training stopped (%s) after step %d; resume with ckpt_path=%s:\n  %s",
-            type(exception).__name__, trainer.global_step, self.path, resume_command(self.path),
+            type(exception).__name__, trainer.global_step, self.resume_from, resume_command(self.resume_from),
         )  # fmt: skip
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -82,7 +91,7 @@ def resume_command(checkpoint: Path | str) -> str:
 def preempted(trainer: L.Trainer) -> SystemExit:
     """The exit of a fit stopped by SIGTERM (what schedulers send before they kill a job):
     status ``PREEMPTED_EXIT_CODE``, after saying which checkpoint resumes it."""
-    written = [cb.path for cb in trainer.callbacks if isinstance(cb, ExceptionCheckpoint) and cb.written]
+    written = [cb.resume_from for cb in trainer.callbacks if isinstance(cb, ExceptionCheckpoint) and cb.resume_from]
     saver = trainer.checkpoint_callback  # its latest file: last.ckpt, or the newest when nothing is monitored
     last = getattr(saver, "last_model_path", "") or (saver.best_model_path if saver and saver.monitor is None else "")
     last = last or None
