@@ -3,6 +3,8 @@ before the first step) that names the key and the allowed values."""
 
 from __future__ import annotations
 
+import logging
+
 import hydra
 import pytest
 import torch
@@ -11,7 +13,9 @@ from hydra.errors import ConfigCompositionException, InstantiationException
 from conftest import compose_config
 from sedsft.data.datamodule import SFTDataModule
 from sedsft.losses import build_loss
+from sedsft.models.hf import CausalLMSpec
 from sedsft.models.tiny import TinyLMSpec
+from sedsft.sft.checks import validate_config
 from sedsft.sft.module import SFTModule
 from sedsft.sft.training import build, train
 
@@ -52,7 +56,7 @@ def test_misspelt_key_is_refused(tmp_path, cache_dir):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["loss.name=foo"], "unknown loss 'foo'; choose one of ['ce', 'sed'"),
+        (["loss.name=foo"], "unknown loss 'foo'; choose one of ['ce', 'dft', 'entropy', 'gem'"),
         (["loss=sed", "+loss.lamda=1"], "unknown option(s) ['lamda'] for loss 'sed'; allowed: ['lam', 'top_k'"),
         (["loss=sed", "loss.lam=-1"], "lam must be a number >= 0, got -1"),
         (["loss=sed", "loss.top_k=0"], "top_k must be an int >= 1, got 0"),
@@ -146,3 +150,63 @@ def test_fused_loss_without_a_separate_head_fails_at_start_up(tmp_path, cache_di
     cfg = compose_config(tmp_path, cache_dir, "module.fused_loss=auto", *FAST)
     assert torch.isfinite(torch.tensor(train(cfg)["train/loss"]))
     assert steps == [0]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "lines"),
+    [
+        (
+            ["trainer.accumulate_grad_batches=0"],  # was a ZeroDivisionError inside Lightning, after loading
+            ["trainer.accumulate_grad_batches=0 must be >= 1 (micro-batches per optimiser step, e.g. 1)"],
+        ),
+        (["optimizer.lr=abc"], ["optimizer.lr='abc' must be a number (peak learning rate, e.g. 2e-5)"]),  # was a bare TypeError
+        (
+            ["optimizer.lr=0", "data.batch_size=2.5", "scheduler.warmup_ratio=1", "optimizer.betas=[0.9,1.5]"],
+            [
+                "data.batch_size=2.5 must be an integer (sequences per micro-batch and device, e.g. 4)",
+                "optimizer.lr=0 must be > 0 (peak learning rate, e.g. 2e-5)",
+                "scheduler.warmup_ratio=1 must be < 1 (fraction of steps, e.g. 0.03)",
+                "optimizer.betas=[0.9, 1.5] must be two numbers in [0, 1), e.g. [0.9, 0.95]",
+            ],
+        ),
+    ],
+    ids=["accumulate_0", "lr_abc", "several"],
+)
+def test_bad_numeric_knob_stops_before_anything_is_built(tmp_path, cache_dir, monkeypatch, overrides, lines):
+    loaded = []
+    monkeypatch.setattr(TinyLMSpec, "load_tokenizer", lambda self: loaded.append(self))
+    with pytest.raises(ValueError) as caught:
+        train(compose_config(tmp_path, cache_dir, *overrides, *FAST))
+    assert str(caught.value) == "invalid configuration:\n  " + "\n  ".join(lines)  # every problem, at once
+    assert not loaded
+
+
+def test_missing_local_model_path_is_not_called_a_hub_id(tmp_path, cache_dir):
+    cfg = compose_config(tmp_path, cache_dir, "model=hf", f"model.name_or_path={tmp_path / 'nonexistent'}", *FAST, shrink=False)
+    with pytest.raises(InstantiationException) as caught:
+        train(cfg)
+    message = str(caught.value)
+    assert f"model.name_or_path={tmp_path / 'nonexistent'}: no such local directory" in message
+    assert "repo id" not in message.lower()
+    # relative paths say where they were looked up; hub ids (name, org/name) pass untouched
+    with pytest.raises(FileNotFoundError, match=r"model.name_or_path=\./models/x: no such local directory \(relative to "):
+        CausalLMSpec(name_or_path="./models/x")
+    for hub_id in ("gpt2", "Qwen/Qwen2.5-Math-7B-Instruct"):
+        assert CausalLMSpec(name_or_path=hub_id).name_or_path == hub_id
+
+
+def test_cpu_devices_warn_and_the_global_batch_is_stated(tmp_path, cache_dir, caplog):
+    cfg = compose_config(tmp_path, cache_dir, "trainer.devices=4", "trainer.accumulate_grad_batches=2", "data.batch_size=8")
+    with caplog.at_level(logging.INFO, logger="sedsft.sft.checks"):
+        validate_config(cfg)  # (training would start 4 processes)
+    assert (
+        "global batch: 64 sequences per optimiser step (data.batch_size=8 x trainer.accumulate_grad_batches=2"
+        " x 4 device(s) x trainer.num_nodes=1)"
+    ) in caplog.text
+    assert "trainer.devices=4 on the CPU starts 4 training processes (DDP over gloo)" in caplog.text
+    assert "each optimiser step takes 4 x the batch" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sedsft.sft.checks"):
+        validate_config(compose_config(tmp_path, cache_dir))
+    assert "global batch: 8 sequences per optimiser step" in caplog.text
+    assert "on the CPU starts" not in caplog.text

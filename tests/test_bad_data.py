@@ -172,7 +172,8 @@ def test_bad_last_row_stops_the_real_run_before_any_step(tmp_path, cache_dir, mo
     monkeypatch.setattr(SFTModule, "configure_model", lambda self: built.append(self))
 
     cfg = compose_config(
-        tmp_path, cache_dir, "data=local", f"data.path={path}", "data.num_workers=0", "trainer.max_steps=2", shrink=False
+        tmp_path, cache_dir, "data=local", f"data.path={path}", "data.num_workers=0", "trainer.max_steps=2",
+        "model.pretrain_steps=4", shrink=False,
     )
     with pytest.raises(DataError) as caught:
         train(cfg)
@@ -180,3 +181,87 @@ def test_bad_last_row_stops_the_real_run_before_any_step(tmp_path, cache_dir, mo
     assert "data.max_skip_frac=0.01" in str(caught.value)
     assert not built  # no weights loaded, no step taken
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_bytes_that_are_not_utf8_name_the_line(tokenizer, tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    lines = [json.dumps(GOOD), json.dumps(GOOD), json.dumps(chat(question="Was kostet ein Caf\u00e9?"), ensure_ascii=False)]
+    path.write_bytes("\n".join(lines).encode("latin-1"))  # a file saved in Latin-1: é is the byte 0xe9
+    column = lines[2].index("\u00e9") + 1
+    with pytest.raises(DataError) as caught:
+        prepare(tokenizer, path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: line 3, byte {column}: b'\\xe9' is not UTF-8")
+    assert "save the file as UTF-8" in message
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (json.dumps(GOOD), "holds a single JSON object (one row), not a list of rows"),
+        (json.dumps(GOOD, indent=2), "holds a single JSON object (one row), not a list of rows"),
+        (
+            json.dumps({"data": [GOOD, GOOD, GOOD]}, indent=2),
+            "holds one JSON object whose key 'data' holds a list of 3 row(s)",
+        ),
+        (json.dumps({"version": 2, "rows": 3}), "holds one JSON object (keys ['rows', 'version']), not rows"),
+        ("3", "holds a single JSON int, not rows"),
+    ],
+    ids=["one_row", "one_row_pretty", "wrapped_list", "other_object", "number"],
+)
+def test_json_file_that_is_not_rows_says_what_it_holds(tokenizer, tmp_path, content, problem):
+    path = tmp_path / "data.json"
+    path.write_text(content)
+    with pytest.raises(DataError) as caught:
+        prepare(tokenizer, path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: {problem}")
+    assert "expected rows: a JSON array of objects ([{...}, {...}]) or JSON lines (one object per line)" in message
+    assert "invalid JSON" not in message
+
+
+def test_json_shapes_that_are_rows(tokenizer, tmp_path):
+    pretty_array = tmp_path / "array.json"
+    pretty_array.write_text(json.dumps([GOOD] * 4, indent=2))
+    assert len(prepare(tokenizer, pretty_array).splits["train"].dataset) == 4
+    one_line = write_jsonl(tmp_path / "one.jsonl", [GOOD])  # JSON lines with a single row
+    assert len(prepare(tokenizer, one_line).splits["train"].dataset) == 1
+    # objects pretty-printed one after another are neither: the line and the reason are named
+    stacked = tmp_path / "stacked.jsonl"
+    stacked.write_text(json.dumps(GOOD, indent=2) + "\n" + json.dumps(GOOD, indent=2))
+    with pytest.raises(DataError, match=re.escape(f"{stacked}: invalid JSON on line 1: ")) as caught:
+        prepare(tokenizer, stacked)
+    assert "an object spread over several lines: JSON lines need one whole object per line" in str(caught.value)
+
+
+def test_a_directory_is_not_a_data_file(tokenizer, tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [GOOD] * 3)
+    with pytest.raises(DataError) as caught:
+        prepare(tokenizer, folder)
+    assert str(caught.value) == (
+        f"{folder}: is a directory, not a data file: give one file; data files in it: ['{folder / 'train.jsonl'}']"
+    )
+
+
+@pytest.mark.parametrize("case", ["directory", "missing", "unset"])
+def test_unreadable_data_path_stops_before_the_tokenizer(tmp_path, cache_dir, monkeypatch, case):
+    """``data=local``: a data.path that is a directory, missing or unset is reported by its knob
+    when the config is checked, before the tokenizer (or the embedded model) is loaded."""
+    from sedsft.sft.training import train
+
+    loaded = []
+    monkeypatch.setattr(TinyLMSpec, "load_tokenizer", lambda self: loaded.append(self))
+    (tmp_path / "folder").mkdir()
+    path = {"directory": tmp_path / "folder", "missing": tmp_path / "nope.jsonl", "unset": None}[case]
+    overrides = ["data=local", "data.num_workers=0"] + ([f"data.path={path}"] if path else [])
+    with pytest.raises(Exception) as caught:  # noqa: B017 (OmegaConf's own error when unset)
+        train(compose_config(tmp_path, cache_dir, *overrides, shrink=False))
+    expected = {
+        "directory": f"data.path={path}: is a directory, not a data file",
+        "missing": f"data.path={path}: data file not found",
+        "unset": "Missing mandatory value: data.path",
+    }[case]
+    assert expected in str(caught.value)
+    assert not loaded

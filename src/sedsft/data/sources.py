@@ -84,37 +84,65 @@ class LocalFileSource:
         return _digest({"path": os.path.abspath(self.path), "size": stat.st_size, "mtime": stat.st_mtime_ns, "rows": self.rows})
 
     def load(self) -> datasets.Dataset:
+        problem = local_file_problem(self.path)
+        if problem is not None:
+            raise DataError(self.path, None, None, problem)
         path = Path(self.path)
-        if not path.is_file():
-            raise FileNotFoundError(f"data file not found: {self.path}")
-        builder = LOCAL_FORMATS.get(path.suffix.lower())
-        if builder is None:
-            raise DataError(self.path, None, None, f"unsupported file type {path.suffix!r}; allowed: {sorted(LOCAL_FORMATS)}")
-        if builder == "json":
+        if LOCAL_FORMATS[path.suffix.lower()] == "json":
             ds = _load_json(path)
         else:
             ds = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
         return _select_rows(ds, self.rows, self.name)
 
 
+def local_file_problem(path: str) -> str | None:
+    """What keeps ``path`` from being read as a data file (None if nothing): missing, a
+    directory, or a type that is not supported. Cheap: the config checks call it before
+    anything is built."""
+    file = Path(path)
+    if file.is_dir():
+        inside = sorted(str(p) for p in file.iterdir() if p.suffix.lower() in LOCAL_FORMATS)[:5]
+        hint = f"; data files in it: {inside}" if inside else f"; it holds no {sorted(LOCAL_FORMATS)} file"
+        return f"is a directory, not a data file: give one file{hint}"
+    if not file.exists():
+        where = "" if file.is_absolute() else f" (relative to {Path.cwd()})"
+        return f"data file not found{where}"
+    if file.suffix.lower() not in LOCAL_FORMATS:
+        return f"unsupported file type {file.suffix!r}; allowed: {sorted(LOCAL_FORMATS)}"
+    return None
+
+
+EXPECTED_ROWS = "expected rows: a JSON array of objects ([{...}, {...}]) or JSON lines (one object per line)"
+
+
 def _load_json(path: Path) -> datasets.Dataset:
-    """JSON array or JSON lines; a syntax error names the file and line."""
-    text = path.read_text(encoding="utf-8")
+    """JSON array or JSON lines. Undecodable bytes name the line; a syntax error names the
+    line (and column); a file holding something other than rows says what it holds."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")  # a byte-order mark is allowed
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(
+            str(path), None, None,
+            f"line {line}, byte {column}: {data[err.start:err.end]!r} is not UTF-8 ({err.reason}); "
+            f"save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix})",
+        ) from None  # fmt: skip
     stripped = text.lstrip()
-    if stripped.startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
+    try:
+        whole = json.loads(text)  # an array, or a single value (JSON lines with 2+ rows fail here)
+    except json.JSONDecodeError as err:
+        if stripped.startswith("["):
             raise DataError(str(path), None, None, f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+        rows = _json_lines(path, text)
     else:
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(str(path), None, None, f"invalid JSON on line {lineno}: {err.msg}") from None
+        if isinstance(whole, list):
+            rows = whole
+        elif isinstance(whole, dict) and path.suffix.lower() == ".jsonl" and "\n" not in text.strip():
+            rows = [whole]  # JSON lines with a single row
+        else:
+            raise DataError(str(path), None, None, _not_rows(whole, path.name))
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise DataError(str(path), i, None, f"expected a JSON object per row, got {type(row).__name__}")
@@ -136,6 +164,37 @@ def _load_json(path: Path) -> datasets.Dataset:
         return _table(rows)
     except pa.ArrowException:
         raise _type_conflict(path, rows) from None
+
+
+def _json_lines(path: Path, text: str) -> list:
+    rows = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            hint = ""
+            if line.strip() in ("{", "[") or (line.lstrip().startswith("{") and not line.rstrip().endswith("}")):
+                hint = " (an object spread over several lines: JSON lines need one whole object per line)"
+            raise DataError(str(path), None, None, f"invalid JSON on line {lineno}: {err.msg}{hint}") from None
+    return rows
+
+
+def _not_rows(value: object, name: str) -> str:
+    """What a JSON file holds when it is one value instead of rows, and what to do."""
+    if not isinstance(value, dict):
+        return f"holds a single JSON {type(value).__name__}, not rows; {EXPECTED_ROWS}"
+    if row_problem(value, "", 0) is None:
+        return f"holds a single JSON object (one row), not a list of rows; {EXPECTED_ROWS}"
+    lists = {k: v for k, v in value.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)}
+    if lists:
+        key, inner = next(iter(lists.items()))
+        return (
+            f"holds one JSON object whose key {key!r} holds a list of {len(inner)} row(s); {EXPECTED_ROWS}. "
+            f"Write the rows themselves, e.g. jq -c '.{key}[]' {name} > rows.jsonl"
+        )
+    return f"holds one JSON object (keys {sorted(value)[:8]}), not rows; {EXPECTED_ROWS}"
 
 
 def _table(rows: list[dict]) -> datasets.Dataset:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -39,6 +40,21 @@ def resolve_dtype(name: str | None) -> torch.dtype | str:
     if name not in DTYPES:
         raise ValueError(f"model.dtype={name!r} is not supported; allowed: auto, {sorted(DTYPES)}")
     return DTYPES[name]
+
+
+def missing_local_path(name_or_path: str) -> None:
+    """Raise when ``name_or_path`` is written as a local path (absolute, ``./``, ``~``, or
+    more than one ``/``) but nothing is there: transformers would call it an invalid hub
+    repo id. Hub ids are ``name`` or ``org/name``."""
+    text = str(name_or_path)
+    looks_local = text.startswith(("/", ".", "~")) or "\\" in text or text.count("/") > 1 or text.endswith("/")
+    path = Path(text).expanduser()
+    if looks_local and not path.exists():
+        where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+        raise FileNotFoundError(
+            f"model.name_or_path={text}: no such local directory{where}; give the directory of a "
+            "Hugging Face model (with config.json), or a hub id such as Qwen/Qwen2.5-Math-7B-Instruct"
+        )
 
 
 @dataclass
@@ -72,6 +88,7 @@ class CausalLMSpec:
     def __post_init__(self) -> None:
         resolve_dtype(self.dtype)  # fail at config time, not after the data is tokenised
         lora_settings(self.lora)
+        missing_local_path(self.name_or_path)
 
     def resolved_path(self) -> str:
         """Where ``from_pretrained`` loads from (subclasses may build it first)."""

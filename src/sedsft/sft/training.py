@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sedsft.sft import logging as runlog
 from sedsft.sft.callbacks.exception_checkpoint import preempted
+from sedsft.sft.checks import validate_config
 from sedsft.sft.module import SFTModule
 from sedsft.utils.threads import set_cpu_threads
 
@@ -88,6 +89,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     runlog.configure_console()
     output_dir = Path(cfg.paths.output_dir)
     _announce_run_directory(cfg, output_dir)
+    validate_config(cfg)  # numeric knobs and data files, before anything is built; logs the global batch
     on_cpu = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto")) == "cpu" or not torch.cuda.is_available()
     set_cpu_threads(cfg.get("cpu_threads", "auto"), on_cpu=on_cpu)
     if cfg.get("seed") is not None:
