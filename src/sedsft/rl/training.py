@@ -209,7 +209,9 @@ def run_metrics(
         for key, value in entry.items():
             if isinstance(value, int | float) and not isinstance(value, bool) and key not in ("step", "epoch"):
                 out[f"rl/{key}"] = float(value)
-    out.update({f"rl/{k}": float(v) for k, v in train_metrics.items() if isinstance(v, int | float)})
+    for key, value in train_metrics.items():  # the trainer's summary, when the history lacks it
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out.setdefault(f"rl/{key}", float(value))
     if heldout is not None:
         if heldout.before is not None:
             out.update({f"heldout_before/{k}": v for k, v in heldout.before.items()})

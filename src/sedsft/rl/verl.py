@@ -164,7 +164,7 @@ def verl_overrides(cfg: DictConfig, train_file: str, val_file: str | None) -> li
         "trainer.val_before_train=True",
         f"trainer.n_gpus_per_node={verl.n_gpus_per_node}",
         f"trainer.nnodes={verl.nnodes}",
-        "trainer.logger=['console','tensorboard']",
+        "trainer.logger=[console,tensorboard]",
         "trainer.project_name=sedsft",
         f"trainer.experiment_name=rl_{policy.resolve().parent.name}",
         f"trainer.default_local_dir={Path(cfg.paths.output_dir).resolve() / 'verl_checkpoints'}",
