@@ -150,3 +150,81 @@ def test_sigkill_mid_epoch_loses_only_the_steps_since_last_ckpt(tmp_path, cache_
         json.loads((tmp_path / "resumed" / "metrics.json").read_text())["train/loss"]
         == ref_metrics["train/loss"]
     )
+
+
+@pytest.mark.slow
+def test_slurm_requeue_resumes_in_the_same_run_directory(tmp_path, cache_dir):
+    """Lightning's SLURM support: on the requeue signal (``#SBATCH --signal=SIGUSR1@90``) it
+    writes ``hpc_ckpt_1.ckpt`` into the run directory and calls ``scontrol requeue``; the
+    requeued job (same job id, ``SLURM_RESTART_COUNT=1``) gets the same directory
+    (``runs/slurm-<job id>``), finds the checkpoint there and continues with the batch that
+    was in flight. ``scontrol`` is a stand-in script that records its arguments."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    scontrol.chmod(0o755)
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+             "SLURM_NODEID": "0", "SLURM_JOB_NAME": "sft", "SLURM_NNODES": "1"}  # fmt: skip
+    env = {
+        **os.environ, **slurm, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "SEDSFT_CACHE": str(cache_dir), "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}",
+    }  # fmt: skip
+    rows = tmp_path / "rows.jsonl"
+    command = [
+        sys.executable, "src/train.py", f"paths.log_dir={tmp_path}", "model.pretrain_steps=4",
+        f"data.train.n={N_TRAIN}", "data.val.n=8", f"data.batch_size={BATCH}", f"trainer.max_steps={STEPS}",
+        "+trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+        "~callbacks.generation_eval", "~callbacks.hf_export", "~callbacks.lr_monitor", "logger=[]",
+        "callbacks.model_checkpoint.monitor=null", "+callbacks.rows._target_=test_resume.RowLog", f"+callbacks.rows.path={rows}",
+    ]  # fmt: skip
+    run = subprocess.Popen(
+        [*command, "+callbacks.rows.pause=6", "+callbacks.rows.pause_after=2"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "paused").exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (tmp_path / "paused").exists(), (
+        run.communicate()[0][-3000:] if run.poll() is not None else "no pause"
+    )
+    os.kill(
+        run.pid, signal.SIGUSR1
+    )  # SLURM, 90 s before the time limit: step 3's batch is in flight
+    while (
+        not (tmp_path / "scontrol.log").exists()
+        and run.poll() is None
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.2)
+    os.kill(run.pid, signal.SIGTERM)  # SLURM then stops the requeued job
+    output = run.communicate(timeout=120)[0]
+    assert run.returncode == 143, output[-3000:]
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    run_dir = tmp_path / "train" / "runs" / "slurm-4242"
+    assert checkpoint(run_dir / "hpc_ckpt_1.ckpt")["global_step"] == 2
+
+    requeued = subprocess.run(
+        command,
+        cwd=ROOT,
+        env={**env, "SLURM_RESTART_COUNT": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "train" / "runs").iterdir()] == [
+        "slurm-4242"
+    ]  # the same directory
+    logged = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert [e["step"] for e in logged] == [
+        1,
+        2,
+        3,
+        3,
+        4,
+        5,
+        6,
+    ]  # from hpc_ckpt_1 (step 2): step 3 again
+    assert [e["rows"] for e in logged[3:]] == expected_rows(42, STEPS, start=2)
+    assert checkpoint(run_dir / "checkpoints" / "last.ckpt")["global_step"] == STEPS
