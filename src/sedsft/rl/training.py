@@ -119,10 +119,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log.info("RL run directory: %s", output_dir)
     resume = find_checkpoint(cfg.resume) if cfg.get("resume") else None
     policy = cfg.policy if not OmegaConf.is_missing(cfg, "policy") else None
+    origin = policy  # the SFT policy the export's sedsft.json names
     if policy is None:
         if resume is None:
             raise ValueError("policy=??? : pass the SFT policy (run dir, HF dir, .ckpt) or resume=<RL run dir>")
         policy = str(resume)  # a checkpoint-<step> directory is itself a Hugging Face directory
+        first_config = resume.parent.parent / ".hydra" / "config.yaml"  # the resumed run's own config
+        origin = OmegaConf.load(first_config).get("policy") if first_config.is_file() else policy
     args = grpo_config(cfg, output_dir)
 
     model, tokenizer = load_model(policy, dtype=cfg.get("policy_dtype", "auto"))
@@ -173,11 +176,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         tensorboard.close()
     wall = time.perf_counter() - start
 
+    origin_hf = hf_directory(origin) if origin and Path(str(origin)).exists() else None
     meta = {
-        **read_meta(hf_directory(policy) or ""),
+        **(read_meta(origin_hf) if origin_hf else {}),
         "stage": "rl",
         "algorithm": "grpo",
-        "policy": str(policy),
+        "policy": str(origin),
         "rl_steps": trainer.state.global_step,
     }
     export_policy(trainer, tokenizer, output_dir / "hf", meta)
