@@ -276,6 +276,7 @@ class SFTModule(L.LightningModule):
             self.run_metrics.update(values)
             log.info("calibrated tau=%.4f (mask rate %.3f on calibration positions)", tau, mask_rate)
 
+    # ------------------------------------------------------------------ callbacks
     def configure_callbacks(self) -> list[L.Callback]:
         # A run validates (and evaluates generations) at its last step however it stops:
         # max_steps, max_time, epochs (ValidateAtEnd).
