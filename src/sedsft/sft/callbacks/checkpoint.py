@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -94,6 +95,15 @@ class Checkpoints(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         self._save_last(trainer, linked_to=None)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """A resumed run writes into a run directory of its own (they are never reused), so
+        the stored ``dirpath`` always differs: Lightning's handling stays (only
+        ``best_model_path`` is carried over; no file of the earlier run is ever removed),
+        without its warning on every resume."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The dirpath has changed")
+            super().load_state_dict(state_dict)
 
     def holds(self, step: int) -> Path | None:
         """``last.ckpt`` if it holds the state after optimiser step ``step``."""
