@@ -105,8 +105,6 @@ class TokenLoss(nn.Module):
         self.chunk_size = chunk_size
         self.stats_top_k = stats_top_k
         self.analytic = True
-        # Chunk buffers kept between calls on the CPU (engine._LazyBuffer): not state.
-        self.scratch: dict = {}
 
     # -- what a loss states ---------------------------------------------------------------
     def value(self, z: Tensor, y: Tensor) -> Tensor | tuple[Tensor, dict[str, Tensor]]:

@@ -231,15 +231,15 @@ class _LogitsSource:
         self.grad: Tensor | None = None
         self.row_scale: Tensor | None = None
 
-    def setup(self, idx: Tensor, rows: int, cache: dict | None = None) -> None:
+    def setup(self, idx: Tensor, rows: int) -> None:
         self.idx = idx
         if self.need_grad:
             # Rows that are not targets keep a zero gradient; skip the fill when there are none.
             alloc = torch.empty if idx.numel() == self.n_rows else torch.zeros
             self.grad = alloc(self.n_rows, self.vocab, dtype=self.dtype, device=self.device)
-        self._zbuf = _LazyBuffer(rows, self.vocab, self.device, cache=cache, key="_zbuf")
-        self._pbuf = _LazyBuffer(rows, self.vocab, self.device, cache=cache, key="_pbuf")
-        self.tmp = _LazyBuffer(rows, self.vocab, self.device, cache=cache, key="tmp")
+        self._zbuf = _LazyBuffer(rows, self.vocab, self.device)
+        self._pbuf = _LazyBuffer(rows, self.vocab, self.device)
+        self.tmp = _LazyBuffer(rows, self.vocab, self.device)
 
     def _run_view(self, first_row: int, n: int) -> Tensor:
         if self.segment is None:
@@ -307,12 +307,12 @@ class _LinearSource:
         self.grad_b = torch.zeros(self.vocab, device=h.device) if self.need_b else None
         self._hc: Tensor | None = None
 
-    def setup(self, idx: Tensor, rows: int, cache: dict | None = None) -> None:
+    def setup(self, idx: Tensor, rows: int) -> None:
         self.idx = idx
-        self._zbuf = _LazyBuffer(rows, self.vocab, self.device, cache=cache, key="_zbuf")
-        self._pbuf = _LazyBuffer(rows, self.vocab, self.device, cache=cache, key="_pbuf")
-        self._mmbuf = _LazyBuffer(rows, self.vocab, self.device, self.mm_dtype, cache, "mm")
-        self.tmp = _LazyBuffer(rows, self.vocab, self.device, cache=cache, key="tmp")
+        self._zbuf = _LazyBuffer(rows, self.vocab, self.device)
+        self._pbuf = _LazyBuffer(rows, self.vocab, self.device)
+        self._mmbuf = _LazyBuffer(rows, self.vocab, self.device, self.mm_dtype)
+        self.tmp = _LazyBuffer(rows, self.vocab, self.device)
 
     def logits(self, start: int, end: int, first_row: int | None) -> Tensor:
         n = end - start
@@ -362,35 +362,18 @@ class _LinearSource:
 class _LazyBuffer:
     """A ``[rows, V]`` buffer allocated on first use and sliced to each chunk's size.
 
-    With a ``cache`` (a dict the loss module keeps, CPU only) the storage outlives the call
-    under ``key``: PyTorch's CPU allocator hands large blocks back to the OS, and touching a
-    freshly mapped 64 MiB again costs ~16k page faults per call, more than the softmax
-    that fills it. GPU allocators cache blocks themselves, so nothing is kept there.
+    It lives for one call: kept across calls it would sit in memory through the backward
+    pass, where the step's peak is, to save the page faults of re-touching it (on the CPU
+    PyTorch hands large blocks back to the OS), which cost little next to a model step.
     """
 
-    def __init__(
-        self,
-        rows: int,
-        vocab: int,
-        device: torch.device,
-        dtype=torch.float32,
-        cache: dict | None = None,
-        key: str = "",
-    ):
+    def __init__(self, rows: int, vocab: int, device: torch.device, dtype=torch.float32):
         self.shape, self.device, self.dtype = (rows, vocab), device, dtype
-        self.cache = cache if device.type == "cpu" else None
-        self.key = (key, device, dtype)
         self._data: Tensor | None = None
 
     def get(self, n: int) -> Tensor:
         if self._data is None:
-            size = self.shape[0] * self.shape[1]
-            kept = None if self.cache is None else self.cache.get(self.key)
-            if kept is None or kept.numel() < size:
-                kept = torch.empty(size, dtype=self.dtype, device=self.device)
-                if self.cache is not None:
-                    self.cache[self.key] = kept
-            self._data = kept[:size].view(self.shape)
+            self._data = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         return self._data[:n]
 
 
@@ -468,7 +451,7 @@ def _run(
     flat = labels.reshape(-1)
     idx = torch.nonzero(flat != IGNORE_INDEX).flatten()  # the one host sync of a call
     rows = min(default_rows(source.vocab, loss.chunk_size), max(idx.numel(), 1))
-    source.setup(idx, rows, loss.scratch)
+    source.setup(idx, rows)
     plan = plan_chunks(idx.cpu(), rows, source.segment)
     y = flat.index_select(0, idx)
     # The engine picks its own dtypes (float32 math, the source's matmul dtype).

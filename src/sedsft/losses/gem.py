@@ -52,9 +52,12 @@ class GEMLoss(TokenLoss):
 
     def chunk(self, c: Chunk) -> ChunkResult:
         # The engine is done with p: overwrite buf with q. (q = p^(1/beta) / sum p^(1/beta)
-        # would reuse p, but a float pow costs several softmaxes on the CPU.)
-        torch.mul(c.z, 1.0 / self.beta, out=c.tmp)
-        torch.softmax(c.tmp, dim=-1, out=c.buf)
+        # would reuse p, but a float pow costs several softmaxes on the CPU.) On the CPU the
+        # softmax runs in place in buf, whose pages the engine's softmax already touched: a
+        # first write into tmp costs more in page faults than the softmax itself.
+        scaled = c.buf if c.buf.device.type == "cpu" else c.tmp
+        torch.mul(c.z, 1.0 / self.beta, out=scaled)
+        torch.softmax(scaled, dim=-1, out=c.buf)
         if self.h == "linear":
             value = row_dot(c.buf, c.z, c.tmp) - c.z_y
             if c.need_grad:
