@@ -82,7 +82,7 @@ def test_pipeline_and_grid_presets_compose(tmp_path):
 
 
 SFT_TINY = [
-    "experiment=toy_base", "model.pretrain_steps=4", "data.train.n=48", "data.val.n=8",
+    "experiment=toy", "model.pretrain_steps=4", "data.train.n=48", "data.val.n=8",
     "data.batch_size=8", "trainer.max_steps=2", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
     "callbacks.generation_eval.num_prompts=2", "callbacks.generation_eval.num_samples=2",
     "callbacks.generation_eval.max_new_tokens=8",
