@@ -166,9 +166,15 @@ def test_analytic_gradient_equals_autograd_of_value(name, kw, path):
     torch.testing.assert_close(fast.token_stats["topk_mass"], auto.token_stats["topk_mass"])
 
 
-def test_autograd_path_is_chunked_and_keeps_the_caller_graph_apart():
-    """The autograd path runs one local graph per chunk (value sees at most chunk_size rows)
-    and never writes into the caller's logits."""
+@pytest.mark.parametrize("block_elems", [None, 60])
+def test_autograd_path_is_chunked_and_keeps_the_caller_graph_apart(monkeypatch, block_elems):
+    """The autograd path runs one local graph per block of a chunk (value sees at most
+    chunk_size rows, and at most AUTOGRAD_BLOCK_ELEMS logits) and never writes into the
+    caller's logits."""
+    import sedsft.losses.base as base
+
+    if block_elems:
+        monkeypatch.setattr(base, "AUTOGRAD_BLOCK_ELEMS", block_elems)  # 2 rows of V = 30
     seen = []
 
     class Probe(TokenLoss, register=False):
@@ -182,7 +188,7 @@ def test_autograd_path_is_chunked_and_keeps_the_caller_graph_apart():
     x = logits.clone().requires_grad_()
     out = Probe(chunk_size=4)(x, labels)
     out.loss.backward()
-    assert max(seen) <= 4 and sum(seen) == out.num_tokens
+    assert max(seen) == (2 if block_elems else 4) and sum(seen) == out.num_tokens
     assert torch.equal(x.detach(), logits) and "probe" not in LOSSES
     ce, ce_grad = run_with_grad(build_loss("ce", chunk_size=4), logits, labels)
     torch.testing.assert_close(out.loss, ce.loss)

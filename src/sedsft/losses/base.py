@@ -27,6 +27,9 @@ from sedsft.losses.engine import Chunk, ChunkResult, fused_loss, logits_loss
 
 # name -> loss class, filled by TokenLoss.__init_subclass__ (read it through registry.py).
 REGISTRY: dict[str, type[TokenLoss]] = {}
+# Logits per autograd block (16 MiB in float32): below glibc's largest mmap threshold (32 MiB),
+# so the temporaries of one block are reused by the next instead of faulted in afresh.
+AUTOGRAD_BLOCK_ELEMS = 1 << 22
 
 
 @dataclass
@@ -189,22 +192,30 @@ def split_value(out: Tensor | tuple[Tensor, dict[str, Tensor]]) -> tuple[Tensor,
 
 
 def autograd_chunk(loss: TokenLoss, c: Chunk) -> ChunkResult:
-    """One chunk through ``loss.value`` with its gradient by a local autograd pass.
+    """One chunk through ``loss.value`` with its gradient by local autograd passes.
 
-    The graph covers this chunk only: it holds a few ``[C, V]`` float32 tensors and is
-    freed before the next chunk, so memory stays bounded by the chunk size, as on the
-    analytic path. ``c.z`` may be a view of the caller's logits: it is detached, never
-    written.
+    The rows go through in blocks of at most ``AUTOGRAD_BLOCK_ELEMS`` logits, one small
+    graph each, freed before the next: memory stays bounded by the block (a few
+    ``[rows, V]`` float32 temporaries of at most 16 MiB), and blocks that size are
+    recycled by the CPU allocator instead of being mapped afresh (page faults) for every
+    chunk. ``c.z`` may be a view of the caller's logits: it is detached, never written.
     """
-    if not c.need_grad:
-        per, extras = split_value(loss.value(c.z, c.y))
-        return ChunkResult(per.detach(), extras={k: v.detach() for k, v in extras.items()})
-    with torch.enable_grad():
-        z = c.z.detach().requires_grad_()
-        per, extras = split_value(loss.value(z, c.y))
-        (grad,) = torch.autograd.grad(per.sum(), z)
-    c.buf.copy_(grad)
-    return ChunkResult(per.detach(), extras={k: v.detach() for k, v in extras.items()})
+    rows = max(1, AUTOGRAD_BLOCK_ELEMS // max(c.z.shape[1], 1))
+    parts: list[tuple[Tensor, dict[str, Tensor]]] = []
+    for start in range(0, c.z.shape[0], rows):
+        z, y = c.z[start : start + rows].detach(), c.y[start : start + rows]
+        if not c.need_grad:
+            parts.append(split_value(loss.value(z, y)))
+            continue
+        with torch.enable_grad():
+            z = z.requires_grad_()
+            per, extras = split_value(loss.value(z, y))
+            (grad,) = torch.autograd.grad(per.sum(), z)
+        c.buf[start : start + rows].copy_(grad)
+        parts.append((per, extras))
+    per = torch.cat([p for p, _ in parts]).detach()
+    extras = {k: torch.cat([e[k] for _, e in parts]).detach() for k in parts[0][1]}
+    return ChunkResult(per, extras=extras)
 
 
 def _check_labels(lead_shape: torch.Size, labels: Tensor) -> None:
