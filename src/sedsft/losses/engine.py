@@ -30,8 +30,13 @@ from sedsft import IGNORE_INDEX
 if TYPE_CHECKING:
     from sedsft.losses.base import TokenLoss
 
-# Elements per float32 [rows, V] chunk buffer (64 MiB); three such buffers are live at once.
+# Elements per float32 [rows, V] chunk buffer; two or three such buffers are live at once.
+# GPUs: 64 MiB (the caching allocator recycles them; bigger chunks mean fewer passes over the
+# fused path's grad_weight). CPU: 16 MiB, under glibc's largest mmap threshold (32 MiB), so
+# the buffers are recycled from call to call instead of page-faulted in afresh, and a
+# training step's peak (reached while the loss runs) holds less.
 DEFAULT_CHUNK_ELEMS = 1 << 24
+DEFAULT_CHUNK_ELEMS_CPU = 1 << 22
 # Block width of the blocked top-k below; 128 keeps the block-max reduction vectorised.
 _TOPK_BLOCK = 128
 
@@ -91,11 +96,16 @@ def subtract_onehot_(buf: Tensor, y: Tensor, value: Tensor | float = 1.0) -> Ten
     return buf.scatter_add_(1, y.unsqueeze(1), src)
 
 
-def default_rows(vocab_size: int, chunk_size: int | None) -> int:
-    """Rows per chunk: ``chunk_size`` if given, else what fits ``DEFAULT_CHUNK_ELEMS``."""
+def default_rows(
+    vocab_size: int, chunk_size: int | None, device: torch.device | str | None = None
+) -> int:
+    """Rows per chunk: ``chunk_size`` if given, else what fits the device's chunk budget
+    (``DEFAULT_CHUNK_ELEMS``, or ``DEFAULT_CHUNK_ELEMS_CPU`` on the CPU)."""
     if chunk_size is not None:
         return chunk_size
-    return max(1, DEFAULT_CHUNK_ELEMS // max(vocab_size, 1))
+    cpu = device is not None and torch.device(device).type == "cpu"
+    budget = DEFAULT_CHUNK_ELEMS_CPU if cpu else DEFAULT_CHUNK_ELEMS
+    return max(1, budget // max(vocab_size, 1))
 
 
 def block_max(z: Tensor) -> tuple[Tensor | None, Tensor]:
@@ -450,7 +460,7 @@ def _run(
     """Select the target rows, plan the chunks and run them."""
     flat = labels.reshape(-1)
     idx = torch.nonzero(flat != IGNORE_INDEX).flatten()  # the one host sync of a call
-    rows = min(default_rows(source.vocab, loss.chunk_size), max(idx.numel(), 1))
+    rows = min(default_rows(source.vocab, loss.chunk_size, source.device), max(idx.numel(), 1))
     source.setup(idx, rows)
     plan = plan_chunks(idx.cpu(), rows, source.segment)
     y = flat.index_select(0, idx)
