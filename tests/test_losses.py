@@ -207,6 +207,12 @@ def test_loss_names_must_be_unique():
                 return z[:, 0]
 
     assert LOSSES["ce"].__name__ == "CELoss"
+    with pytest.raises(TypeError, match=r"loss 'no_value' .* must define value\(z, y\)"):
+
+        class NoValue(TokenLoss):
+            name = "no_value"
+
+    assert "no_value" not in LOSSES
 
 
 def test_batched_shape_and_grad_output_scaling():

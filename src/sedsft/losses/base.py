@@ -93,8 +93,14 @@ class TokenLoss(nn.Module):
         name = cls.__dict__.get("name")
         if not register or not name:
             return
+        if cls.value is TokenLoss.value:
+            raise TypeError(
+                f"loss {name!r} ({cls.__module__}.{cls.__qualname__}) must define "
+                "value(z, y): the per-token loss (README: Add a loss)"
+            )
         other = REGISTRY.get(name)
-        if other is not None and other.__qualname__ != cls.__qualname__:
+        where = (cls.__module__, cls.__qualname__)
+        if other is not None and (other.__module__, other.__qualname__) != where:
             raise ValueError(
                 f"loss name {name!r} of {cls.__module__}.{cls.__qualname__} is already taken by "
                 f"{other.__module__}.{other.__qualname__}; give the new class another `name`"

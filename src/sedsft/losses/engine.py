@@ -1,5 +1,5 @@
 """The engine shared by every token loss: chunking over target rows, float32 math, and
-the analytic gradient stored during the forward (the Liger-Kernel recipe).
+the gradient computed and stored during the forward (the Liger-Kernel recipe).
 
 A loss only supplies its per-chunk math (``TokenLoss.run_chunk``: the analytic ``chunk`` or
 the autograd pass over ``value``): value, gradient with respect to the chunk's logits, extra
@@ -8,9 +8,10 @@ metrics. Everything else lives here:
 - only target rows (label != -100) are touched; they are split into chunks of at most
   ``rows`` rows, and a chunk that is one contiguous run of rows is read (and, for float32,
   its gradient written) through a view instead of a gather;
-- the softmax, log-sum-exp, target logit, entropy and top-1 metrics are computed once per
-  chunk, in float32, into buffers reused across chunks (on the CPU a fresh 100 MB tensor
-  costs more in page faults than the softmax that fills it);
+- the softmax, log-sum-exp, target logit, block maxima (for an exact top-k when needed),
+  entropy and top-1 metrics are computed once per chunk, in float32, into buffers reused
+  across chunks (on the CPU a fresh 64 MiB tensor costs more in page faults than the
+  softmax that fills it);
 - gradients are computed in the forward and only scaled by ``grad_output`` in the
   backward, so the float32 ``[rows, V]`` buffers are the only extra memory on top of the
   gradient itself (logits path) or of ``grad_weight`` (fused path: no ``N x V`` at all).
@@ -58,9 +59,7 @@ class Chunk:
     zmax: Tensor  # [C] row maximum of z
     bmax: Tensor | None  # [C, V // 128] maxima of 128-wide column blocks (see block_max)
     entropy: Tensor  # [C] H(p) in nats
-    topk_mass: (
-        Tensor | None
-    )  # [C] top-k probability mass (k = stats_top_k_effective) with token stats
+    topk_mass: Tensor | None  # [C] top-k mass (k = stats_top_k_effective), token stats only
     buf: Tensor  # [C, V] softmax(z) on entry, gradient on exit
     tmp: Tensor  # [C, V] scratch
     need_grad: bool
@@ -373,8 +372,8 @@ class _LazyBuffer:
     """A ``[rows, V]`` buffer allocated on first use and sliced to each chunk's size.
 
     It lives for one call: kept across calls it would sit in memory through the backward
-    pass, where the step's peak is, to save the page faults of re-touching it (on the CPU
-    PyTorch hands large blocks back to the OS), which cost little next to a model step.
+    pass, where the step's peak is. (On the CPU, buffers of the default 16 MiB are recycled
+    by the allocator from call to call anyway.)
     """
 
     def __init__(self, rows: int, vocab: int, device: torch.device, dtype=torch.float32):
