@@ -31,13 +31,17 @@ from sedsft import IGNORE_INDEX
 if TYPE_CHECKING:
     from sedsft.losses.base import TokenLoss
 
-# Elements per float32 [rows, V] chunk buffer; two or three such buffers are live at once.
-# GPUs: 64 MiB (the caching allocator recycles them; bigger chunks mean fewer passes over the
-# fused path's grad_weight). CPU: 16 MiB, under glibc's largest mmap threshold (32 MiB), so
-# the buffers are recycled from call to call instead of page-faulted in afresh, and a
-# training step's peak (reached while the loss runs) holds less.
+# Elements per float32 [rows, V] chunk buffer (64 MiB). Fewer, bigger chunks mean less
+# per-chunk work and, on the fused path, fewer passes over grad_weight [V, D].
 DEFAULT_CHUNK_ELEMS = 1 << 24
-DEFAULT_CHUNK_ELEMS_CPU = 1 << 22
+# The fused path on the CPU: 16 MiB, but at least 128 rows. Its buffers (logits,
+# probabilities) are real memory, alive where a training step peaks; below glibc's largest
+# mmap threshold (32 MiB) they are also recycled from call to call instead of page-faulted
+# in afresh. Below ~128 rows the per-chunk update of grad_weight [V, D], a pass over all of
+# it, starts to dominate. (On the logits path a chunk of contiguous rows is a view of the
+# logits and of their gradient: no buffer.)
+DEFAULT_CHUNK_ELEMS_FUSED_CPU = 1 << 22
+MIN_FUSED_ROWS = 128
 # Block width of the blocked top-k below; 128 keeps the block-max reduction vectorised.
 _TOPK_BLOCK = 128
 
@@ -95,15 +99,10 @@ def subtract_onehot_(buf: Tensor, y: Tensor, value: Tensor | float = 1.0) -> Ten
     return buf.scatter_add_(1, y.unsqueeze(1), src)
 
 
-def default_rows(
-    vocab_size: int, chunk_size: int | None, device: torch.device | str | None = None
-) -> int:
-    """Rows per chunk: ``chunk_size`` if given, else what fits the device's chunk budget
-    (``DEFAULT_CHUNK_ELEMS``, or ``DEFAULT_CHUNK_ELEMS_CPU`` on the CPU)."""
+def default_rows(vocab_size: int, chunk_size: int | None, budget: int = DEFAULT_CHUNK_ELEMS) -> int:
+    """Rows per chunk: ``chunk_size`` if given, else what fits ``budget`` elements."""
     if chunk_size is not None:
         return chunk_size
-    cpu = device is not None and torch.device(device).type == "cpu"
-    budget = DEFAULT_CHUNK_ELEMS_CPU if cpu else DEFAULT_CHUNK_ELEMS
     return max(1, budget // max(vocab_size, 1))
 
 
@@ -237,6 +236,7 @@ class _LogitsSource:
         self.low_precision = logits.dtype != torch.float32
         self.n_rows, self.vocab = logits.numel() // max(vocab, 1), vocab
         self.dtype, self.device = logits.dtype, logits.device
+        self.budget = DEFAULT_CHUNK_ELEMS
         self.grad: Tensor | None = None
         self.row_scale: Tensor | None = None
 
@@ -310,6 +310,10 @@ class _LinearSource:
         self.h, self.w, self.b = h, w.to(self.mm_dtype), b
         self.need_h, self.need_w, self.need_b = needs
         self.vocab, self.device = w.shape[0], h.device
+        cpu = h.device.type == "cpu"
+        self.budget = DEFAULT_CHUNK_ELEMS
+        if cpu:
+            self.budget = max(DEFAULT_CHUNK_ELEMS_FUSED_CPU, MIN_FUSED_ROWS * self.vocab)
         self.grad_h = torch.zeros_like(h) if self.need_h else None
         # Accumulated in the weight's own dtype, as autograd would return it.
         self.grad_w = torch.zeros_like(w) if self.need_w else None
@@ -372,8 +376,8 @@ class _LazyBuffer:
     """A ``[rows, V]`` buffer allocated on first use and sliced to each chunk's size.
 
     It lives for one call: kept across calls it would sit in memory through the backward
-    pass, where the step's peak is. (On the CPU, buffers of the default 16 MiB are recycled
-    by the allocator from call to call anyway.)
+    pass, where the step's peak is. (On the CPU the fused path's 16 MiB buffers are
+    recycled by the allocator from call to call anyway.)
     """
 
     def __init__(self, rows: int, vocab: int, device: torch.device, dtype=torch.float32):
@@ -459,7 +463,7 @@ def _run(
     """Select the target rows, plan the chunks and run them."""
     flat = labels.reshape(-1)
     idx = torch.nonzero(flat != IGNORE_INDEX).flatten()  # the one host sync of a call
-    rows = min(default_rows(source.vocab, loss.chunk_size, source.device), max(idx.numel(), 1))
+    rows = min(default_rows(source.vocab, loss.chunk_size, source.budget), max(idx.numel(), 1))
     source.setup(idx, rows)
     plan = plan_chunks(idx.cpu(), rows, source.segment)
     y = flat.index_select(0, idx)
