@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 NAMES = ("Mia", "Tom", "Ava", "Leo", "Zoe", "Sam", "Ivy", "Max", "Eli", "Nia", "Kai", "Ada")
@@ -164,14 +164,14 @@ def generate(
 
 
 def corpus(n: int, seed: int = 0) -> list[str]:
-    """Plain texts for tokenizer training and pretraining: ``n`` questions, each
-    followed by its solution in every style (so a model trained on it has a prior
-    spread over all styles)."""
+    """Plain texts for tokenizer training: ``n`` questions, each followed by its
+    solution in every style. A solution starts on a new line as in the chat template,
+    so the words that open a reply ("First", "The") are learnt as they appear there."""
     rng = random.Random(seed)
     texts = []
     for _ in range(n):
         problem = sample_problem(rng)
-        texts.extend(f"{problem.question} {style(problem)}" for style in STYLES.values())
+        texts.extend(f"{problem.question}\n{style(problem)}" for style in STYLES.values())
     return texts
 
 
@@ -194,3 +194,48 @@ def classify_style(text: str) -> str:
     if " starts with " in text.split(".")[0]:
         return "narrative"
     return "other"
+
+
+POSITION_KINDS = ("style", "number", "text")
+"""What fixes each token of a toy solution (``position_kinds``): the three kinds of position
+whose SED mask rates tell where the mask falls."""
+
+
+def position_kinds(
+    response: str, offsets: Sequence[tuple[int, int]], start: int = 0
+) -> list[str | None]:
+    """Label each token of a toy solution by what decides it, for mask-rate analyses.
+
+    Given the question, a toy solution has exactly one free choice: its style, made at
+    its first token ("First", "The", the name, or the first operand). From there the
+    style's template fixes every word, and the problem fixes every number (operands are
+    copied, results computed), so those positions have one right continuation each.
+    SED's mask should fall on the free position and leave the numbers alone.
+
+    Args:
+        response: one toy solution (the output of a ``STYLES`` function).
+        offsets: ``(begin, end)`` character span of each token in the tokenised text,
+            e.g. a fast tokenizer's ``return_offsets_mapping`` on a whole chat.
+        start: where ``response`` begins in that text.
+
+    Returns:
+        One entry per token: ``"style"`` for the first token of the response (even when
+        it is the first operand, as in ``one_equation``), ``"number"`` for a token that
+        writes digits, ``"text"`` for the template's other words and punctuation, and
+        None for tokens that do not start inside the response (prompt, end-of-turn
+        marker, padding, empty spans).
+    """
+    end = start + len(response)
+    kinds: list[str | None] = []
+    seen_first = False
+    for begin, stop in offsets:
+        if stop <= begin or not start <= begin < end:
+            kinds.append(None)
+        elif not seen_first:
+            seen_first = True
+            kinds.append("style")
+        elif any(ch.isdigit() for ch in response[begin - start : stop - start]):
+            kinds.append("number")
+        else:
+            kinds.append("text")
+    return kinds

@@ -1,9 +1,14 @@
 """The embedded default model: a tiny Llama with a tokenizer trained offline.
 
 Nothing is downloaded. The first use trains a byte-level BPE tokenizer on the toy
-math corpus, builds a small Llama from a config and saves both with
-``save_pretrained`` into the cache; later uses load that directory through the same
-``from_pretrained`` code path that real models take.
+math corpus, builds a small Llama from a config, pretrains it on toy text and saves
+both with ``save_pretrained`` into the cache; later uses load that directory through
+the same ``from_pretrained`` code path that real models take.
+
+Numbers are whole tokens (``"18"`` is one token, 0-63 are guaranteed), not digits: the
+toy's sums are a lookup from two number tokens to one, which a 0.9M-parameter model
+learns in a few hundred steps, while digit-by-digit sums with carries were still at
+chance after 900 steps and took about 2,500 (toy-lab measurements, README).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -37,28 +43,44 @@ CHATML_TEMPLATE = (
 """ChatML, the format of Qwen2.5; the assistant turn ends with ``<|im_end|>``."""
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-BUILD_VERSION = 1  # bump when the construction below changes, to invalidate caches
+BUILD_VERSION = 2  # bump when the construction below changes, to invalidate caches
+WHOLE_NUMBERS = 64  # 0 .. WHOLE_NUMBERS-1 are single tokens of every tokenizer built here
+_NUMBER_LINE_REPEATS = 50  # copies of "0 1 ... 63" in the tokenizer corpus
 
 
 @dataclass(frozen=True)
 class TinyArch:
-    """Shape of the tiny Llama (defaults: about 1.7 M parameters)."""
+    """Shape of the tiny Llama (defaults: about 0.9 M parameters).
 
-    vocab_size: int = 2048
-    hidden_size: int = 192
-    intermediate_size: int = 512
+    ``vocab_size`` is the size of the BPE vocabulary, special tokens included, and so
+    the number of embedding rows. The default, 527, is every merge the toy corpus has
+    (the same for any corpus seed and size >= 200); the build fails if the corpus
+    cannot fill the size asked for, so config and model always agree.
+    """
+
+    vocab_size: int = 527
+    hidden_size: int = 128
+    intermediate_size: int = 384
     num_hidden_layers: int = 4
-    num_attention_heads: int = 6
+    num_attention_heads: int = 4
     num_key_value_heads: int = 2
     max_position_embeddings: int = 512
+    initializer_range: float = 0.05  # init std; larger than Llama's 0.02 = copying is learnt sooner
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE with single-digit pre-tokenisation (so numbers stay composable)."""
+    """Byte-level BPE in which every number 0-63 is one token.
+
+    Digit runs are split off before BPE, so merges never mix digits with letters; a run
+    of digits is then merged into one token when the corpus makes it frequent, which a
+    number line added here guarantees for 0 .. ``WHOLE_NUMBERS - 1``. The result has
+    exactly ``vocab_size`` tokens when the corpus has that many merges, fewer otherwise.
+    """
+    number_line = " ".join(map(str, range(WHOLE_NUMBERS)))
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.Digits(individual_digits=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ]
     )
@@ -69,7 +91,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.train_from_iterator([*texts, *[number_line] * _NUMBER_LINE_REPEATS], trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=None,
@@ -81,11 +103,18 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     return fast
 
 
+def tokenizer_corpus(size: int, seed: int) -> list[str]:
+    """What the tiny tokenizer learns from: ``size`` toy problems with their solutions in
+    every style, and the chat scaffolding that is part of every example (role names,
+    which open a line in ChatML, and the paper's system prompt)."""
+    return toy_math.corpus(size, seed=seed) + ["system\nuser\nassistant", PAPER_SYSTEM_PROMPT] * 50
+
+
 def pretrain(
     model: LlamaForCausalLM,
     tokenizer: PreTrainedTokenizerFast,
     steps: int,
-    batch_size: int = 32,
+    batch_size: int = 16,
     lr: float = 3e-3,
     seed: int = 0,
     style_weights: dict[str, float] | None = None,
@@ -94,7 +123,12 @@ def pretrain(
     problems whose solutions are drawn from all styles (uniformly by default).
 
     Afterwards the model spreads probability over the styles where a reply begins, so
-    SFT data that favours one style has a distribution to collapse. Returns the losses.
+    SFT data that favours one style has a distribution to collapse. Batches are formed
+    from rows of similar length (sorted within windows of 16 batches, then the batches
+    shuffled with ``seed``), so almost no compute goes to padding. Batches are small
+    because the sums are learnt after a number of updates more than of examples: for the
+    same compute, 16 x 1000 steps reached 58% teacher-forced accuracy on them where
+    32 x 500 reached 14%. Returns the losses.
     """
     rows = toy_math.generate(steps * batch_size, seed=seed + 10_000, style_weights=style_weights)
     texts = [
@@ -105,12 +139,17 @@ def pretrain(
         for r in rows
     ]
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    window = 16 * batch_size
+    batches = []
+    for start in range(0, len(encoded), window):
+        ordered = sorted(encoded[start : start + window], key=len)
+        batches += [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+    random.Random(seed).shuffle(batches)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     schedule = cosine_with_warmup(optimizer, num_training_steps=steps, warmup_ratio=0.05)
     model.train()
     losses = []
-    for step in range(steps):
-        chunk = encoded[step * batch_size : (step + 1) * batch_size]
+    for step, chunk in enumerate(batches):
         length = max(map(len, chunk))
         ids = torch.full((len(chunk), length), tokenizer.pad_token_id)
         mask = torch.zeros_like(ids)
@@ -124,7 +163,7 @@ def pretrain(
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        if step % 50 == 0 or step == steps - 1:
+        if step % 100 == 0 or step == steps - 1:
             log.info("pretraining tiny model: step %d/%d loss %.3f", step + 1, steps, loss.item())
     return losses
 
@@ -134,10 +173,13 @@ def build_tiny(
 ) -> None:
     """Train the tokenizer, build a Llama (pretrained on toy text when ``pretrain_steps``),
     save both in ``directory``."""
-    # The chat scaffolding (role names, the paper's system prompt) is part of every
-    # example, so it belongs in the tokenizer's corpus too.
-    scaffold = ["system user assistant", PAPER_SYSTEM_PROMPT] * 50
-    tokenizer = train_tokenizer(toy_math.corpus(corpus_size, seed=seed) + scaffold, arch.vocab_size)
+    tokenizer = train_tokenizer(tokenizer_corpus(corpus_size, seed), arch.vocab_size)
+    if len(tokenizer) != arch.vocab_size:
+        raise ValueError(
+            f"model.arch.vocab_size={arch.vocab_size}, but the toy corpus (model.corpus_size="
+            f"{corpus_size}) only yields a {len(tokenizer)}-token BPE vocabulary; set "
+            f"model.arch.vocab_size to at most {len(tokenizer)}"
+        )
     config = LlamaConfig(
         **{k: v for k, v in asdict(arch).items() if k != "vocab_size"},
         vocab_size=len(tokenizer),
