@@ -12,7 +12,9 @@ interleaved rounds) and the peak memory above what the inputs already hold:
 Memory is measured on the first call of each (loss, path) cell in its own fresh
 subprocess, so allocator caches never hide or leak allocations: on CUDA
 ``torch.cuda.max_memory_allocated``; on the CPU the peak RSS (``VmHWM`` after writing 5
-to ``/proc/self/clear_refs``) minus the RSS at reset, inputs allocated before. Time is
+to ``/proc/self/clear_refs``) minus the RSS at reset, inputs allocated before, with glibc
+told to unmap every block of 64 KiB or more when it is freed (``MEMORY_ENV``), so that the
+resident set follows the live tensors instead of what the heap kept. Time is
 measured per path in one subprocess (``--threads`` torch threads, 1 by default) that runs
 the losses round-robin, so load changes on a shared machine hit every loss alike; each
 round gives a ratio to CE of the same round, and the table shows the medians of those
@@ -167,9 +169,14 @@ def timing_path(args, names: list[str], path: str) -> dict:
 
 
 # -- driver -----------------------------------------------------------------------------------------
+# For the memory cells only: large blocks go back to the OS when freed (see the docstring).
+MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
 def in_subprocess(args, *flag: str) -> dict:
     cmd = [sys.executable, __file__, *flag, *args.forward_argv]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = {**os.environ, **MEMORY_ENV} if "--memory-cell" in flag else None
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
