@@ -44,7 +44,7 @@ CHATML_TEMPLATE = (
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 BUILD_VERSION = 2  # bump when the construction below changes, to invalidate caches
-WHOLE_NUMBERS = 64  # 0 .. WHOLE_NUMBERS-1 are single tokens of every tokenizer built here
+WHOLE_NUMBERS = 64  # 0 .. WHOLE_NUMBERS-1 are single tokens when the vocabulary holds every merge
 _NUMBER_LINE_REPEATS = 50  # copies of "0 1 ... 63" in the tokenizer corpus
 
 
@@ -54,7 +54,7 @@ class TinyArch:
 
     ``vocab_size`` is the size of the BPE vocabulary, special tokens included, and so
     the number of embedding rows. The default, 527, is every merge the toy corpus has
-    (the same for any corpus seed and size >= 200); the build fails if the corpus
+    (527 for corpus seeds 0-2 and sizes 200-2000 alike); the build fails if the corpus
     cannot fill the size asked for, so config and model always agree.
     """
 
@@ -65,7 +65,7 @@ class TinyArch:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     max_position_embeddings: int = 512
-    initializer_range: float = 0.05  # init std; larger than Llama's 0.02 = copying is learnt sooner
+    initializer_range: float = 0.05  # init std; with Llama's 0.02 copying was learnt ~100 steps later
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -200,15 +200,18 @@ def build_tiny(
 
 @dataclass
 class TinyLMSpec(CausalLMSpec):
-    """``model=tiny``: built on first use, cached under ``cache_dir``, then loaded from disk.
+    """``model=tiny`` / ``model=tiny_lab``: built on first use, cached under ``cache_dir``
+    (one directory per construction), then loaded from disk.
 
     Attributes:
         cache_dir: where built models live (one sub-directory per construction hash).
         seed: seed of tokenizer corpus and weight initialisation.
         corpus_size: toy problems used to train the tokenizer.
         arch: sizes of the Llama (see ``TinyArch``).
-        pretrain_steps: steps of toy-text pretraining that give the model a prior over
-            solution styles (0: random initialisation).
+        pretrain_steps: steps of toy-text pretraining that teach the task and give the
+            model a prior over solution styles (0: random initialisation). The sums are
+            learnt late: after CE-SFT on the toy mix, held-out pass@1 was 0.32 with 1000
+            steps and 0.53 with 1600 (README, toy lab).
         pretrain: options of ``pretrain`` (batch_size, lr, style_weights).
     """
 
