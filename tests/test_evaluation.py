@@ -22,7 +22,6 @@ from sedsft.evaluation.sampling import EntropyTracker, Samples, plan_batches, sa
 from sedsft.sft.training import train
 
 RL_SAMPLE = ROOT / "tests" / "fixtures" / "math_dapo_rl_sample.parquet"  # first 12 rows of the file below
-RL_FULL = ROOT.parent / "shared" / "data" / "math_dapo_rl_2069.parquet"
 SMALL_EVAL = ["num_prompts=3", "num_samples=3", "max_new_tokens=12", "batch_size=2"]
 
 
@@ -157,13 +156,18 @@ def test_eval_prompts_from_rl_parquet():
     assert gold == "42409"  # reward_model.ground_truth
 
 
-@pytest.mark.skipif(not RL_FULL.exists(), reason="the shared RL parquet is not next to this checkout")
-def test_eval_prompts_from_the_full_rl_parquet(caplog):
-    prompts = eval_prompts(compose_rl_data(RL_FULL), None)
-    assert len(prompts) == 2069
-    # one row of the real file has ground_truth "": no gold, named in a warning
-    assert [i for i, (_, gold) in enumerate(prompts) if gold is None] == [1602]
-    assert "1 of 2069 rows have no gold answer" in caplog.text and "[1602]" in caplog.text
+def test_eval_prompts_blank_gold_counts_as_none(tmp_path, caplog):
+    """A blank ``ground_truth`` (real RL files have such rows) is no gold: named, not scored."""
+    import pandas as pd
+
+    rows = pd.read_parquet(RL_SAMPLE)
+    rows.at[3, "reward_model"] = {**rows.at[3, "reward_model"], "ground_truth": ""}
+    path = tmp_path / "rl_blank.parquet"
+    rows.to_parquet(path)
+    prompts = eval_prompts(compose_rl_data(path), None)
+    assert len(prompts) == 12
+    assert [i for i, (_, gold) in enumerate(prompts) if gold is None] == [3]
+    assert "1 of 12 rows have no gold answer" in caplog.text and "[3]" in caplog.text
 
 
 def compose_rl_data(path: Path):
