@@ -76,8 +76,8 @@ class TokenLoss(nn.Module):
 
     Args:
         chunk_size: rows per chunk; ``None`` picks ``max(1, 2**24 // V)`` (64 MiB per
-            float32 chunk buffer), ``2**22 // V`` on the CPU's fused path (16 MiB; engine.py
-            says why).
+            float32 chunk buffer), on the CPU's fused path ``max(2**22 // V, 128)`` (16 MiB;
+            engine.py says why).
         stats_top_k: k of the ``topk_mass`` token statistic (SED uses its own ``top_k``).
 
     ``analytic``: use ``chunk`` when the class defines one (default); ``False`` makes the
