@@ -408,7 +408,8 @@ def test_large_vocabulary_paths_match_reference(name):
         assert out.metrics["mask_frac"].item() == pytest.approx(exact.item())
 
 
-@pytest.mark.parametrize("vocab", [9000, 8960])  # with and without a partial last block
+# 128-wide blocks with and without a partial last block; 16-wide blocks with one
+@pytest.mark.parametrize("vocab", [9000, 8960, 527])
 def test_sed_mask_bounds_decide_like_the_exact_top_k_mass(vocab):
     """The cheap bounds (p_max <= c_k <= k p_max, and the mass of the k largest block maxima
     <= c_k) must never decide a row differently from thresholding the exact float32 top-k
@@ -617,7 +618,8 @@ def test_plan_chunks_uses_views_for_runs_and_covers_everything():
 
 
 @pytest.mark.parametrize(
-    ("vocab", "k"), [(3000, 1), (3000, 10), (3072, 3), (1000, 2), (300, 10), (5, 10)]
+    ("vocab", "k"),
+    [(3000, 1), (3000, 10), (3072, 3), (1000, 2), (527, 10), (4096, 10), (300, 10), (5, 10)],
 )
 def test_blocked_topk_matches_torch_topk(vocab, k):
     from sedsft.losses.engine import block_max

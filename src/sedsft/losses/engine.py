@@ -42,8 +42,15 @@ DEFAULT_CHUNK_ELEMS = 1 << 24
 # logits and of their gradient: no buffer.)
 DEFAULT_CHUNK_ELEMS_FUSED_CPU = 1 << 22
 MIN_FUSED_ROWS = 128
-# Block width of the blocked top-k below; 128 keeps the block-max reduction vectorised.
+# Block width of the blocked top-k below: 128 keeps the block-max reduction vectorised; a
+# vocabulary under 4096 gets 16-wide blocks, so that it still has more blocks than 2 k.
 _TOPK_BLOCK = 128
+_TOPK_BLOCK_SMALL_V = 16
+
+
+def block_width(vocab: int) -> int:
+    """Width of the column blocks of ``block_max`` / ``topk_logits`` for ``vocab``."""
+    return _TOPK_BLOCK if vocab >= 32 * _TOPK_BLOCK else _TOPK_BLOCK_SMALL_V
 
 
 @dataclass
@@ -61,7 +68,7 @@ class Chunk:
     lse: Tensor  # [C] log-sum-exp of z
     z_y: Tensor  # [C] target logit
     zmax: Tensor  # [C] row maximum of z
-    bmax: Tensor | None  # [C, V // 128] maxima of 128-wide column blocks (see block_max)
+    bmax: Tensor | None  # [C, blocks] maxima of column blocks (see block_max)
     entropy: Tensor  # [C] H(p) in nats
     topk_mass: Tensor | None  # [C] top-k mass (k = stats_top_k_effective), token stats only
     buf: Tensor  # [C, V] softmax(z) on entry, gradient on exit
@@ -107,17 +114,18 @@ def default_rows(vocab_size: int, chunk_size: int | None, budget: int = DEFAULT_
 
 
 def block_max(z: Tensor) -> tuple[Tensor | None, Tensor]:
-    """Maxima of the 128-wide column blocks of ``z`` [C, V] ([C, V // 128], or None when V
-    has fewer than 8 blocks) and the row maxima [C]: one pass, as cheap as ``amax``, that
-    the exact top-k (``topk_logits``) reuses."""
+    """Maxima of the column blocks of ``z`` [C, V] ([C, V // width], ``block_width(V)``; None
+    when V has fewer than 8 blocks) and the row maxima [C]: one pass, as cheap as ``amax``,
+    that the exact top-k (``topk_logits``) reuses."""
     rows, vocab = z.shape
-    blocks = vocab // _TOPK_BLOCK
+    width = block_width(vocab)
+    blocks = vocab // width
     if blocks < 8:
         return None, z.amax(-1)
-    bmax = z[:, : blocks * _TOPK_BLOCK].view(rows, blocks, _TOPK_BLOCK).amax(-1)
+    bmax = z[:, : blocks * width].view(rows, blocks, width).amax(-1)
     zmax = bmax.amax(-1)
-    if blocks * _TOPK_BLOCK < vocab:
-        zmax = torch.maximum(zmax, z[:, blocks * _TOPK_BLOCK :].amax(-1))
+    if blocks * width < vocab:
+        zmax = torch.maximum(zmax, z[:, blocks * width :].amax(-1))
     return bmax, zmax
 
 
@@ -133,14 +141,15 @@ def topk_logits(
 
     ``torch.topk`` over a 128k vocabulary costs several softmaxes on the CPU. The k largest
     entries all lie in the k blocks with the largest block maxima (an entry outside them is
-    beaten by k block maxima), so the block maxima ``bmax`` [C, V // 128] (``block_max``;
+    beaten by k block maxima), so the block maxima ``bmax`` [C, blocks] (``block_max``;
     computed here when not given) plus two tiny top-k's suffice, and a subset of rows costs
     only its candidates. ``best`` [R, k]: those blocks' indices, when already known.
     Column 0 is the row maximum.
     """
     vocab = z.shape[1]
     k = min(k, vocab)
-    blocks = vocab // _TOPK_BLOCK
+    width = block_width(vocab)
+    blocks = vocab // width
     if blocks <= 2 * k:
         zr = z if rows is None else z.index_select(0, rows)
         return zr.topk(k, dim=-1).values
@@ -151,17 +160,17 @@ def topk_logits(
         rows = torch.arange(n_rows, device=z.device)
     if best is None:
         if bmax is None:
-            bmax = z[:, : blocks * _TOPK_BLOCK].view(z.shape[0], blocks, _TOPK_BLOCK).amax(-1)
+            bmax = z[:, : blocks * width].view(z.shape[0], blocks, width).amax(-1)
         best = bmax.index_select(0, rows).topk(k, dim=-1).indices  # [R, k]
-    if blocks * _TOPK_BLOCK == vocab and z.is_contiguous():
-        # Whole blocks as rows of a [C * blocks, 128] view: one row gather, no fancy indexing.
+    if blocks * width == vocab and z.is_contiguous():
+        # Whole blocks as rows of a [C * blocks, width] view: one row gather, no fancy indexing.
         offsets = (rows * blocks).unsqueeze(1) + best
-        cand = z.view(-1, _TOPK_BLOCK).index_select(0, offsets.flatten()).view(n_rows, -1)
+        cand = z.view(-1, width).index_select(0, offsets.flatten()).view(n_rows, -1)
     else:
-        main = z[:, : blocks * _TOPK_BLOCK].view(z.shape[0], blocks, _TOPK_BLOCK)
+        main = z[:, : blocks * width].view(z.shape[0], blocks, width)
         cand = main[rows.unsqueeze(1), best].reshape(n_rows, -1)
-        if blocks * _TOPK_BLOCK < vocab:
-            cand = torch.cat([cand, z[rows, blocks * _TOPK_BLOCK :]], dim=1)
+        if blocks * width < vocab:
+            cand = torch.cat([cand, z[rows, blocks * width :]], dim=1)
     return cand.topk(k, dim=-1).values
 
 

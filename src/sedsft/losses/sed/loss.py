@@ -10,7 +10,7 @@ Gradient: ``d (p_y - 1/2)^2 / dz = -2 (p_y - 1/2) p_y (p - e_y)``, so the whole 
 CE's ``p - e_y`` times the per-row factor ``1 - 2 lam m (p_y - 1/2) p_y``: SED costs CE plus
 the mask. The mask needs ``c_k`` only near ``tau``: with ``p_max`` the largest probability,
 ``p_max <= c_k <= k p_max``, so ``p_max >= tau`` (unmasked) and ``k p_max < tau`` (masked)
-decide a row from the softmax the engine already has; the mass of the k largest block
+decide a row from the softmax the engine already has; the mass of the k largest column-block
 maxima (another lower bound) decides most others, and the exact top-k mass is computed
 for the remaining rows only (``sed_mask``).
 
