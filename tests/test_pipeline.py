@@ -69,7 +69,7 @@ def test_summary_tables_and_files(tmp_path):
 
 def test_pipeline_and_grid_presets_compose(tmp_path):
     cfg = compose_config(tmp_path, tmp_path, "loss=sed", "loss.lam=0.5", "seed=3", shrink=False, name="pipeline.yaml")
-    assert cfg.loss.name == "sed" and list(cfg.stages) == ["sft", "rl"]
+    assert cfg.loss.name == "sed" and list(cfg.stages) == ["sft", "positions", "rl"]
     from sedsft.pipeline.run import stage_overrides
 
     sft = stage_overrides(cfg, "sft", tmp_path)

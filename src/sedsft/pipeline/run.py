@@ -3,7 +3,9 @@
 Each stage is composed from its own entry config (``train.yaml``, ``rl.yaml``) with the
 overrides listed under ``sft.overrides`` / ``rl.overrides`` plus the job's ``loss`` and
 ``seed``, and writes into ``<job dir>/sft`` and ``<job dir>/rl`` exactly what
-``src/train.py`` and ``src/rl.py`` would. The RL stage evaluates the held-out prompts
+``src/train.py`` and ``src/rl.py`` would. On toy data the ``positions`` stage measures, on
+held-out solutions, where SED's mask falls (free style positions vs determined digits and
+template words) for the base and the SFT model (``sedsft.evaluation.positions``). The RL stage evaluates the held-out prompts
 before its first update (the SFT policy) and after its last, with the same sampling, so
 both columns of the result come from one protocol. ``<job dir>/pipeline.json`` records the
 job's loss, seed and both stages' metrics; a finished stage is not run again when the
@@ -23,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-STAGES = ("sft", "rl")
+STAGES = ("sft", "positions", "rl")
 # what a pipeline job keeps of each stage's metrics.json, under <stage>/<key>
 RL_KEYS_BEFORE = "heldout_before/"  # held-out metrics of the SFT policy (before RL)
 RL_KEYS_AFTER = "heldout/"  # held-out metrics after RL
@@ -57,6 +59,8 @@ def run_stage(cfg: DictConfig, stage: str, job_dir: Path) -> dict[str, float]:
     if out.is_file():
         log.info("%s: already done (%s), not run again", stage, out)
         return json.loads(out.read_text())
+    if stage == "positions":
+        return run_positions(cfg, job_dir)
     stage_cfg = stage_config("train" if stage == "sft" else "rl", stage_overrides(cfg, stage, job_dir))
     (job_dir / stage).mkdir(parents=True, exist_ok=True)
     (job_dir / stage / "config.yaml").write_text(OmegaConf.to_yaml(stage_cfg, resolve=True))
@@ -66,6 +70,37 @@ def run_stage(cfg: DictConfig, stage: str, job_dir: Path) -> dict[str, float]:
     else:
         from sedsft.rl.training import train
     return train(stage_cfg)
+
+
+def run_positions(cfg: DictConfig, job_dir: Path) -> dict[str, float]:
+    """Mask rate, top-k mass and accuracy per position kind (style / number / text) of the
+    base and the SFT model on the SFT run's held-out toy problems; writes
+    ``<job dir>/positions/metrics.json``. Empty (with a warning) on data other than the toy."""
+    import hydra
+
+    from sedsft.checkpoints import load_model
+    from sedsft.data import toy_math
+    from sedsft.evaluation.positions import position_report
+
+    train_cfg = stage_config("train", stage_overrides(cfg, "sft", job_dir))
+    val = train_cfg.data.get("val")
+    if val is None or not str(val.get("_target_", "")).endswith("ToyMathSource"):
+        log.warning("positions: the SFT data is not the toy (data.val=%s); no position report", val)
+        return {}
+    n = min(int(cfg.positions.num_examples), int(val.n))
+    style_weights = OmegaConf.to_container(val.style_weights) if val.get("style_weights") else None
+    rows = toy_math.generate(n, seed=int(val.seed), style_weights=style_weights)
+    spec = hydra.utils.instantiate(train_cfg.model)
+    base = (spec.load_model(), spec.load_tokenizer())
+    tuned = load_model(job_dir / "sft")
+    metrics = position_report(
+        base, tuned, rows, top_k=int(cfg.positions.top_k), cumsum_ratio=float(cfg.positions.cumsum_ratio)
+    )
+    out = job_dir / "positions" / "metrics.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    log.info("positions: wrote %s", out)
+    return metrics
 
 
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:

@@ -38,6 +38,19 @@ DEFAULT_METRICS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+# Columns of the position table (the ``positions`` stage, toy data): SED's mask rate and the
+# model's top-1 accuracy per kind of position, tau calibrated on the base as SED does.
+POSITION_METRICS: tuple[tuple[str, str], ...] = (
+    ("mask_rate/style", "mask style"),
+    ("mask_rate/text", "mask text"),
+    ("mask_rate/number", "mask number"),
+    ("top1_acc/style", "top1 style"),
+    ("top1_acc/text", "top1 text"),
+    ("top1_acc/number", "top1 number"),
+    ("p_target/number", "p(number)"),
+)
+
+
 def collect(root: str | Path) -> pd.DataFrame:
     """One row per finished job below ``root``: loss, seed and every stage metric as
     ``<stage>/<key>`` columns."""
@@ -112,14 +125,28 @@ def wide(long: pd.DataFrame, order: Sequence[str] | None = None) -> pd.DataFrame
     return table[columns]
 
 
+def position_frame(df: pd.DataFrame) -> pd.DataFrame | None:
+    """The position statistics as one row per SFT job plus one ``loss="base"`` row per seed
+    (the model before SFT), columns named as in ``POSITION_METRICS``; None without them."""
+    sft = {f"positions/sft/{key}": label for key, label in POSITION_METRICS}
+    if not any(column in df for column in sft):
+        return None
+    base = {f"positions/base/{key}": label for key, label in POSITION_METRICS}
+    tuned = df.rename(columns=sft)[["loss", "seed", *[c for c in sft.values() if c in df.rename(columns=sft)]]]
+    before = df.drop_duplicates("seed").rename(columns=base).assign(loss="base")
+    before = before[["loss", "seed", *[c for c in base.values() if c in before]]]
+    return pd.concat([before, tuned], ignore_index=True)
+
+
 def summary_tables(
     df: pd.DataFrame,
     metrics: Sequence[tuple[str, str, str]] = DEFAULT_METRICS,
     reference: str = "ce",
     order: Sequence[str] | None = None,
 ) -> dict[str, pd.DataFrame]:
-    """Tables ``after_sft``, ``after_rl`` (mean ± 95% interval per loss) and ``*_vs_ref``
-    (paired differences to ``reference`` by seed)."""
+    """Tables ``after_sft``, ``after_rl`` (mean ± 95% interval per loss), ``positions`` (mask
+    rate and accuracy per kind of position, the base model as row ``base``) and
+    ``*_vs_ref`` (paired differences to ``reference`` by seed)."""
     out = {}
     for name, prefix in (("after_sft", "heldout_before/"), ("after_rl", "heldout/")):
         chosen = [(f"{stage}/{key}", label) for stage, key, label in metrics if key.startswith(prefix)]
@@ -128,6 +155,14 @@ def summary_tables(
         out[name] = wide(per_loss(renamed, labels), order)
         if reference in set(df["loss"]):
             out[f"{name}_vs_{reference}"] = wide(paired(renamed, labels, reference), order)
+    positions = position_frame(df)
+    if positions is not None:
+        labels = [label for _, label in POSITION_METRICS]
+        out["positions"] = wide(per_loss(positions, labels), ["base", *(order or [])])
+        if reference in set(df["loss"]):
+            out[f"positions_vs_{reference}"] = wide(
+                paired(positions[positions["loss"] != "base"], labels, reference), order
+            )
     return out
 
 
@@ -142,6 +177,8 @@ def write_summary(root: str | Path, reference: str = "ce", order: Sequence[str] 
         "after_rl": "After RL",
         f"after_sft_vs_{reference}": f"After SFT, paired difference to {reference} by seed",
         f"after_rl_vs_{reference}": f"After RL, paired difference to {reference} by seed",
+        "positions": "Where the mask falls: SED's mask rate (tau calibrated on the base) and top-1 accuracy per position kind, held-out solutions",
+        f"positions_vs_{reference}": f"Positions, paired difference to {reference} by seed",
     }
     for name, table in tables.items():
         if not table.empty:
