@@ -22,7 +22,10 @@ ratios, in wall time and in CPU time of the process (which leaves out waiting fo
 The load average is printed with the table.
 
     PYTHONPATH=src python benchmarks/losses.py --n 2048 --v 32000 --paths chunked,fused \
-        --losses ce,sed,gem --d 256 --repeats 9 --no-memory
+        --losses ce,sed,gem,exp_pass --d 256 --repeats 9 --no-memory
+
+``exp_pass`` is not a loss but a floor: one ``torch.exp`` of every logit, what a softmax at a
+second temperature (GEM) adds to CE at the very least on the logits path.
     PYTHONPATH=src python benchmarks/losses.py --device cuda --dtype bfloat16
 """
 
@@ -55,6 +58,10 @@ LOSS_SPECS = {
     "entropy": ("entropy", {"lam": 0.1}),
 }
 IGNORE = -100
+# Not a loss: one exponential of every logit, written to a preallocated buffer. Any loss
+# that needs a softmax at a second temperature (GEM's q = softmax(z / beta)) pays at least
+# this on top of CE on the logits path, so ``1 + exp_pass/ce`` is the floor of its ratio.
+FLOOR = "exp_pass"
 
 
 def loss_spec(bench_name: str) -> tuple[str, dict]:
@@ -96,6 +103,12 @@ def make_inputs(args, path: str, device: torch.device, dtype: torch.dtype):
 def make_step(args, bench_name: str, path: str, inputs: dict, labels: torch.Tensor):
     """A closure running one forward + backward of ``bench_name`` on ``path``."""
     device = torch.device(args.device)
+    if bench_name == FLOOR:
+        if "logits" not in inputs:
+            raise ValueError(f"{FLOOR} is measured on the logits paths (dense, chunked) only")
+        x = inputs["logits"].detach()
+        out = torch.empty_like(x, dtype=torch.float32)
+        return lambda: float(torch.exp(x, out=out)[0, 0])
     name, knobs = loss_spec(bench_name)
     knobs = dict(knobs)
     if getattr(build_loss(name, **knobs), "needs_calibration", False):
@@ -274,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     names = [s for s in args.losses.split(",") if s]
     paths = [s for s in args.paths.split(",") if s]
-    known = set(LOSS_SPECS) | set(LOSS_NAMES)
+    known = set(LOSS_SPECS) | set(LOSS_NAMES) | {FLOOR}
     unknown = [s for s in names if s not in known] + [p for p in paths if p not in PATHS]
     if unknown:
         raise SystemExit(
@@ -285,8 +298,10 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = os.getloadavg()
     results: dict[str, dict[str, dict]] = {name: {} for name in names}
     for path in paths:
+        here = [n for n in names if n != FLOOR or path in ("dense", "chunked")]
         for name in names:
-            results[name][path] = {}
+            results[name][path] = {} if name in here else {"error": "logits paths only"}
+        for name in here:
             if args.no_memory:
                 continue
             results[name][path] = r = in_subprocess(args, "--memory-cell", name, path)
@@ -294,8 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  memory {name:<15}{path:<12}{shown}", file=sys.stderr, flush=True)
         if args.no_time:
             continue
-        times = in_subprocess(args, "--time-path", ",".join(names), path)
-        for name in names:
+        times = in_subprocess(args, "--time-path", ",".join(here), path)
+        for name in here:
             cell = results[name][path]
             if "error" in times:
                 cell.setdefault("error", times["error"])

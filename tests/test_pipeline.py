@@ -75,6 +75,9 @@ def test_pipeline_and_grid_presets_compose(tmp_path):
     sft = stage_overrides(cfg, "sft", tmp_path)
     assert sft[:4] == ["loss=sed", "loss.lam=0.5", "seed=3", f"paths.output_dir={tmp_path / 'sft'}"]
     assert stage_overrides(cfg, "rl", tmp_path)[0] == f"policy={tmp_path / 'sft'}"
+    from sedsft.pipeline.run import loss_label
+
+    assert loss_label() == "sed[loss.lam=0.5]"  # a grid over a knob keeps its settings apart
     grid = compose_config(tmp_path, tmp_path, "grid=toy_claim", shrink=False, name="pipeline.yaml")
     assert grid is not None
     slurm = compose_config(tmp_path, tmp_path, "grid=paper_slurm", "loss=gem", shrink=False, name="pipeline.yaml")

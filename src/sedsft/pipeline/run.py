@@ -44,6 +44,15 @@ def loss_overrides() -> list[str]:
     return [f"loss={hydra_cfg.runtime.choices['loss']}", *knobs]
 
 
+def loss_label() -> str:
+    """The job's loss as the summary names it: the ``loss`` choice, with the ``loss.<knob>=``
+    overrides in brackets when there are any (``sed[loss.tau=0.98]``), so a grid over a
+    knob keeps its settings apart."""
+    choice, *knobs = loss_overrides()
+    name = choice.split("=", 1)[1]
+    return f"{name}[{','.join(knobs)}]" if knobs else name
+
+
 def stage_overrides(cfg: DictConfig, stage: str, job_dir: Path) -> list[str]:
     """Overrides for one stage: the job's seed (and loss for SFT), its output directory,
     and the user's ``<stage>.overrides``."""
@@ -111,6 +120,11 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         if stage not in STAGES:
             raise ValueError(f"stages={list(cfg.stages)}: unknown stage {stage!r}; allowed: {list(STAGES)}")
         results[stage] = run_stage(cfg, stage, job_dir)
-    record = {"loss": HydraConfig.get().runtime.choices["loss"], "seed": int(cfg.seed), "metrics": results}
+    record = {
+        "loss": loss_label(),
+        "loss_name": HydraConfig.get().runtime.choices["loss"],
+        "seed": int(cfg.seed),
+        "metrics": results,
+    }
     (job_dir / "pipeline.json").write_text(json.dumps(record, indent=2, sort_keys=True))
     return record
