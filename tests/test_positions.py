@@ -90,3 +90,10 @@ def test_summary_has_a_position_table_with_the_base_as_a_row(tmp_path):
     assert table.loc["base", "mask number"] == "0.500 ± 0.000" and table.loc["base", "seeds"] == 2
     assert table.loc["sed_nomask", "top1 number"] == "0.500 ± 0.000"
     assert tables["positions_vs_ce"].loc["sed_nomask", "top1 number"] == "-0.100 ± 0.000"
+
+
+def test_position_report_takes_a_fixed_tau(small_lm, chatml_tokenizer):
+    rows = toy_math.generate(4, seed=6)
+    report = position_report((small_lm, chatml_tokenizer), (small_lm, chatml_tokenizer), rows, top_k=3, tau=1.0)
+    assert report["tau"] == 1.0
+    assert all(report[f"sft/mask_rate/{kind}"] == 1.0 for kind in toy_math.POSITION_KINDS)  # c_3 < 1 everywhere

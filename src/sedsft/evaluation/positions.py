@@ -101,14 +101,17 @@ def position_report(
     top_k: int = 10,
     cumsum_ratio: float = 0.7,
     batch_size: int = 32,
+    tau: float | None = None,
 ) -> dict[str, float]:
     """Per-kind statistics of the ``base`` model (before SFT) and the ``tuned`` one, with one
-    ``tau`` calibrated on the base as SED calibrates it (a fraction ``cumsum_ratio`` of the
-    response positions at or above tau) so mask rates compare across models and losses.
+    ``tau``: the given one (a loss run with a fixed ``loss.tau``), else calibrated on the base
+    as SED calibrates it (a fraction ``cumsum_ratio`` of the response positions at or above
+    tau), so mask rates compare across models and losses.
 
     Keys: ``tau``, ``base/<stat>/<kind>``, ``sft/<stat>/<kind>``.
     """
     base_stats = token_statistics(*base, rows, top_k, batch_size)
-    tau = tau_from_topk_mass(base_stats["topk_mass"], cumsum_ratio)
+    if tau is None:
+        tau = tau_from_topk_mass(base_stats["topk_mass"], cumsum_ratio)
     tuned_stats = token_statistics(*tuned, rows, top_k, batch_size)
     return {"tau": tau, **summarize(base_stats, tau, "base/"), **summarize(tuned_stats, tau, "sft/")}

@@ -83,7 +83,8 @@ def run_stage(cfg: DictConfig, stage: str, job_dir: Path) -> dict[str, float]:
 
 def run_positions(cfg: DictConfig, job_dir: Path) -> dict[str, float]:
     """Mask rate, top-k mass and accuracy per position kind (style / number / text) of the
-    base and the SFT model on the SFT run's held-out toy problems; writes
+    base and the SFT model on the SFT run's held-out toy problems (at the loss's own tau when
+    it has a fixed one, else at one calibrated on the base); writes
     ``<job dir>/positions/metrics.json``. Empty (with a warning) on data other than the toy."""
     import hydra
 
@@ -102,8 +103,10 @@ def run_positions(cfg: DictConfig, job_dir: Path) -> dict[str, float]:
     spec = hydra.utils.instantiate(train_cfg.model)
     base = (spec.load_model(), spec.load_tokenizer())
     tuned = load_model(job_dir / "sft")
+    fixed_tau = train_cfg.loss.get("tau")  # a loss run with a fixed tau is measured at it
     metrics = position_report(
-        base, tuned, rows, top_k=int(cfg.positions.top_k), cumsum_ratio=float(cfg.positions.cumsum_ratio)
+        base, tuned, rows, top_k=int(cfg.positions.top_k), cumsum_ratio=float(cfg.positions.cumsum_ratio),
+        tau=None if fixed_tau is None else float(fixed_tau),
     )
     out = job_dir / "positions" / "metrics.json"
     out.parent.mkdir(parents=True, exist_ok=True)
