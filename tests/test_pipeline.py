@@ -140,5 +140,7 @@ def test_notebook_executes_on_the_committed_grid(tmp_path, monkeypatch):
     outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs]
     text = "".join(o.get("text", "") for o in outputs)
     assert "6 jobs" in text and "sed" in text
+    shown = "".join(str(o.get("data", {}).get("text/plain", "")) for o in outputs)
+    assert "mask number" in shown and "base" in shown  # the position table, the base as a row
     assert sum("image/png" in o.get("data", {}) for o in outputs) == 3  # the three figures
     assert sorted(p.stat().st_mtime_ns for p in FIXTURE.rglob("*")) == before  # read only
