@@ -8,7 +8,12 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from sedsft.data import toy_math
-from sedsft.evaluation.positions import encode_with_kinds, position_report, summarize, token_statistics
+from sedsft.evaluation.positions import (
+    encode_with_kinds,
+    position_report,
+    summarize,
+    token_statistics,
+)
 from sedsft.pipeline.summary import collect, summary_tables
 
 

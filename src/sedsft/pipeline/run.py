@@ -5,9 +5,9 @@ overrides listed under ``sft.overrides`` / ``rl.overrides`` plus the job's ``los
 ``seed``, and writes into ``<job dir>/sft`` and ``<job dir>/rl`` exactly what
 ``src/train.py`` and ``src/rl.py`` would. On toy data the ``positions`` stage measures, on
 held-out solutions, where SED's mask falls (free style positions vs determined digits and
-template words) for the base and the SFT model (``sedsft.evaluation.positions``). The RL stage evaluates the held-out prompts
-before its first update (the SFT policy) and after its last, with the same sampling, so
-both columns of the result come from one protocol. ``<job dir>/pipeline.json`` records the
+template words) for the base and the SFT model (``sedsft.evaluation.positions``). The RL
+stage evaluates the held-out prompts before its first update (the SFT policy) and after its
+last, with the same sampling, so both columns of the result come from one protocol. ``<job dir>/pipeline.json`` records the
 job's loss, seed and both stages' metrics; a finished stage is not run again when the
 job is relaunched (its ``metrics.json`` exists), so a killed grid resumes per stage.
 """
