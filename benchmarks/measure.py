@@ -61,3 +61,12 @@ def timed_cpu(fn: Callable[[], object], device: torch.device) -> tuple[float, fl
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start, time.process_time() - cpu
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    """``header`` and ``rows`` as a plain-text table with ``|`` between left-aligned columns."""
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    lines = [" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines.append("-|-".join("-" * w for w in widths))
+    lines += [" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(lines)

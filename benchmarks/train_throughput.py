@@ -28,7 +28,7 @@ import subprocess
 import sys
 
 import torch
-from measure import read_peak, reset_peak, timed
+from measure import read_peak, reset_peak, text_table, timed
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from sedsft.losses import build_loss
@@ -157,11 +157,7 @@ def format_table(results: list[dict]) -> str:
             ratio(ce, "ms_per_step"), ratio(ce, "step_bytes"),
             ratio(logits, "ms_per_step"), ratio(logits, "step_bytes"),
         ])
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-    lines = [" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
-    lines.append("-|-".join("-" * w for w in widths))
-    lines += [" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    return "\n".join(lines)
+    return text_table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> None:

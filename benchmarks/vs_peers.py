@@ -48,7 +48,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
-from measure import read_peak, reset_peak
+from measure import read_peak, reset_peak, text_table
 
 # Shapes: (model family, config sizes, default batch, default sequence length, default steps).
 # "tiny" is the project's own tiny Llama; the vocabulary is the tiny tokenizer's unless the
@@ -347,20 +347,27 @@ def _hf_common(args, output_dir: str) -> dict:
     )
 
 
-def run_hf(args, model, tokenizer, examples, record: Record) -> float:
-    from transformers import Trainer, TrainingArguments
+def recording(trainer_cls: type, record: Record) -> type:
+    """A subclass of a ``transformers.Trainer`` class whose ``compute_loss`` shows every
+    batch to ``record`` and keeps the last loss."""
 
-    from sedsft.data.collate import SFTCollator
-
-    class RecordingTrainer(Trainer):
+    class RecordingTrainer(trainer_cls):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             record.see(inputs)
             loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             record.last_loss = (loss[0] if return_outputs else loss).detach()
             return loss
 
+    return RecordingTrainer
+
+
+def run_hf(args, model, tokenizer, examples, record: Record) -> float:
+    from transformers import Trainer, TrainingArguments
+
+    from sedsft.data.collate import SFTCollator
+
     with tempfile.TemporaryDirectory() as out:
-        trainer = RecordingTrainer(
+        trainer = recording(Trainer, record)(
             model=model,
             args=TrainingArguments(**_hf_common(args, out)),
             train_dataset=examples,
@@ -375,13 +382,6 @@ def run_trl(args, model, tokenizer, conversations, record: Record) -> float:
     import datasets
     from trl import SFTConfig, SFTTrainer
 
-    class RecordingTrainer(SFTTrainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            record.see(inputs)
-            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            record.last_loss = (loss[0] if return_outputs else loss).detach()
-            return loss
-
     data = datasets.Dataset.from_list([{"messages": m} for m in conversations])
     with tempfile.TemporaryDirectory() as out:
         config = SFTConfig(
@@ -391,7 +391,7 @@ def run_trl(args, model, tokenizer, conversations, record: Record) -> float:
             packing=False,
             dataset_num_proc=None,
         )
-        trainer = RecordingTrainer(
+        trainer = recording(SFTTrainer, record)(
             model=model,
             args=config,
             train_dataset=data,
@@ -496,11 +496,7 @@ def format_table(args, results: dict[str, list[dict]]) -> str:
         row.append(f"{statistics.median(r['first_step_s'] for r in runs):.2f}")
         row.append(f"{runs[0]['final_loss']:.5f}")
         rows.append(row)
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-    lines = [" | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
-    lines.append("-|-".join("-" * w for w in widths))
-    lines += [" | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    return "\n".join(lines)
+    return text_table(header, rows)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -19,42 +19,18 @@ import pytest
 import torch
 
 from conftest import ROOT
-from test_resume import BATCH, N_TRAIN, checkpoint, expected_rows
+from test_resume import checkpoint, cli_command, cli_env, expected_rows, start_paused
 
 STEPS = 6
 
 
 @pytest.mark.slow
 def test_sigterm_on_the_cli_exits_143_and_the_printed_command_resumes(tmp_path, cache_dir):
-    env = {
-        **os.environ,
-        "SEDSFT_CACHE": str(cache_dir),
-        "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}",
-    }
+    env = cli_env(cache_dir)
     rows_log = tmp_path / "rows.jsonl"
-    command = [
-        sys.executable, "src/train.py", f"paths.log_dir={tmp_path}",
-        "model.pretrain_steps=4", f"data.train.n={N_TRAIN}", "data.val.n=8", f"data.batch_size={BATCH}", f"trainer.max_steps={STEPS}",
-        "+trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-        "~callbacks.generation_eval", "~callbacks.hf_export", "~callbacks.lr_monitor", "logger=[]",
-        "callbacks.model_checkpoint.monitor=null", "+callbacks.rows._target_=test_resume.RowLog",
-        f"+callbacks.rows.path={rows_log}",
-    ]  # fmt: skip
+    command = cli_command(rows_log, f"paths.log_dir={tmp_path}", steps=STEPS)
     pause = ["+callbacks.rows.pause=6", "+callbacks.rows.pause_after=2"]
-    run = subprocess.Popen(
-        [*command, *pause],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + 240
-    while not (tmp_path / "paused").exists() and run.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert (tmp_path / "paused").exists(), (
-        run.communicate()[0][-3000:] if run.poll() is not None else "no pause"
-    )
+    run = start_paused([*command, *pause], env, rows_log)
     os.kill(
         run.pid, signal.SIGTERM
     )  # while step 3's batch waits: step 3 finishes, then the run stops
@@ -89,22 +65,14 @@ def test_sigkill_mid_epoch_loses_only_the_steps_since_last_ckpt(tmp_path, cache_
     """SIGKILL cannot be caught: what survives is last.ckpt. Written every 2 steps here (the
     default is every 15 minutes), a run killed in step 4 resumes from step 2 and ends with
     the weights of a run that was never killed."""
-    env = {
-        **os.environ,
-        "SEDSFT_CACHE": str(cache_dir),
-        "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}",
-    }
+    env = cli_env(cache_dir)
 
     def command(out, rows, *extra):
-        return [
-            sys.executable, "src/train.py", f"hydra.run.dir={out}", "model.pretrain_steps=4", "loss=sed",
-            "loss.calib_num_examples=8", f"data.train.n={N_TRAIN}", "data.val.n=8", f"data.batch_size={BATCH}",
-            f"trainer.max_steps={STEPS}", "trainer.max_epochs=3", "trainer.deterministic=true", "data.num_workers=0",
-            "+trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-            "~callbacks.generation_eval", "~callbacks.hf_export", "~callbacks.lr_monitor", "logger=[]",
-            "callbacks.model_checkpoint.monitor=null", "callbacks.model_checkpoint.every_n_train_steps=2",
-            "+callbacks.rows._target_=test_resume.RowLog", f"+callbacks.rows.path={rows}", *extra,
-        ]  # fmt: skip
+        return cli_command(
+            rows, f"hydra.run.dir={out}", "loss=sed", "loss.calib_num_examples=8", "trainer.max_epochs=3",
+            "trainer.deterministic=true", "data.num_workers=0", "callbacks.model_checkpoint.every_n_train_steps=2",
+            *extra, steps=STEPS,
+        )  # fmt: skip
 
     reference = subprocess.run(
         command(tmp_path / "ref", tmp_path / "ref_rows.jsonl"),
@@ -117,15 +85,8 @@ def test_sigkill_mid_epoch_loses_only_the_steps_since_last_ckpt(tmp_path, cache_
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     rows = tmp_path / "rows.jsonl"
-    run = subprocess.Popen(
-        command(tmp_path / "run", rows, "+callbacks.rows.pause=30", "+callbacks.rows.pause_after=3"),
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 240
-    while not (tmp_path / "paused").exists() and run.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert (tmp_path / "paused").exists(), (
-        run.communicate()[0][-3000:] if run.poll() is not None else "no pause"
+    run = start_paused(
+        command(tmp_path / "run", rows, "+callbacks.rows.pause=30", "+callbacks.rows.pause_after=3"), env, rows
     )
     os.kill(run.pid, signal.SIGKILL)  # in step 4, mid-epoch (4 steps per epoch); step 3 is lost
     run.communicate(timeout=60)
@@ -166,31 +127,14 @@ def test_slurm_requeue_resumes_in_the_same_run_directory(tmp_path, cache_dir):
     scontrol.chmod(0o755)
     slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
              "SLURM_NODEID": "0", "SLURM_JOB_NAME": "sft", "SLURM_NNODES": "1"}  # fmt: skip
-    env = {
-        **os.environ, **slurm, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-        "SEDSFT_CACHE": str(cache_dir), "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}",
-    }  # fmt: skip
+    env = cli_env(cache_dir, **slurm, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     rows = tmp_path / "rows.jsonl"
-    command = [
-        sys.executable, "src/train.py", f"paths.log_dir={tmp_path}", "model.pretrain_steps=4",
-        f"data.train.n={N_TRAIN}", "data.val.n=8", f"data.batch_size={BATCH}", f"trainer.max_steps={STEPS}",
-        "+trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-        "~callbacks.generation_eval", "~callbacks.hf_export", "~callbacks.lr_monitor", "logger=[]",
-        "callbacks.model_checkpoint.monitor=null", "+callbacks.rows._target_=test_resume.RowLog", f"+callbacks.rows.path={rows}",
-    ]  # fmt: skip
-    run = subprocess.Popen(
-        [*command, "+callbacks.rows.pause=6", "+callbacks.rows.pause_after=2"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 240
-    while not (tmp_path / "paused").exists() and run.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert (tmp_path / "paused").exists(), (
-        run.communicate()[0][-3000:] if run.poll() is not None else "no pause"
-    )
+    command = cli_command(rows, f"paths.log_dir={tmp_path}", steps=STEPS)
+    run = start_paused([*command, "+callbacks.rows.pause=6", "+callbacks.rows.pause_after=2"], env, rows)
     os.kill(
         run.pid, signal.SIGUSR1
     )  # SLURM, 90 s before the time limit: step 3's batch is in flight
+    deadline = time.monotonic() + 240
     while (
         not (tmp_path / "scontrol.log").exists()
         and run.poll() is None

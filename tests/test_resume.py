@@ -237,25 +237,42 @@ class RowLog(L.Callback):
             f.write(json.dumps({"step": trainer.global_step, "rows": batch["rows"].tolist()}) + "\n")
 
 
-def test_ctrl_c_writes_a_checkpoint_that_resumes(tmp_path, cache_dir):
-    steps = 6
-    env = {**os.environ, "SEDSFT_CACHE": str(cache_dir), "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}"}
-    rows_log = tmp_path / "rows.jsonl"
-    common = [
-        sys.executable, "src/train.py", f"paths.log_dir={tmp_path}", "hydra.run.dir=" + str(tmp_path / "run"),
-        "model.pretrain_steps=4", f"data.train.n={N_TRAIN}", "data.val.n=8", f"data.batch_size={BATCH}", f"trainer.max_steps={steps}",
-        "+trainer.limit_val_batches=0", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-        "~callbacks.generation_eval", "~callbacks.hf_export", "~callbacks.lr_monitor", "logger=[]",
-        "callbacks.model_checkpoint.monitor=null", "+callbacks.rows._target_=test_resume.RowLog",
-        f"+callbacks.rows.path={rows_log}",
+def cli_env(cache_dir: Path, **extra: str) -> dict[str, str]:
+    """Environment of a ``src/train.py`` subprocess: the session's model cache, and ``src``
+    and ``tests`` importable (the ``RowLog`` callback lives here)."""
+    path = f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}"
+    return {**os.environ, "SEDSFT_CACHE": str(cache_dir), "PYTHONPATH": path, **extra}
+
+
+def cli_command(rows: Path, *overrides: str, steps: int = MAX_STEPS) -> list[str]:
+    """``python src/train.py`` on this module's small data, no validation, no exports, the
+    rows of each step logged to ``rows`` (``RowLog``), then ``overrides``."""
+    return [
+        sys.executable, "src/train.py", "model.pretrain_steps=4", f"data.train.n={N_TRAIN}", "data.val.n=8",
+        f"data.batch_size={BATCH}", f"trainer.max_steps={steps}", "+trainer.limit_val_batches=0",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "~callbacks.generation_eval",
+        "~callbacks.hf_export", "~callbacks.lr_monitor", "logger=[]", "callbacks.model_checkpoint.monitor=null",
+        "+callbacks.rows._target_=test_resume.RowLog", f"+callbacks.rows.path={rows}", *overrides,
     ]  # fmt: skip
-    run = subprocess.Popen(
-        [*common, "+callbacks.rows.pause=30", "+callbacks.rows.pause_after=2"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
+
+
+def start_paused(command: list[str], env: dict[str, str], rows: Path) -> subprocess.Popen:
+    """Start ``command`` (with ``+callbacks.rows.pause=...``) and return once its ``RowLog``
+    pauses (``<rows dir>/paused`` exists), within 240 s."""
+    run = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    paused = rows.parent / "paused"
     deadline = time.monotonic() + 240
-    while not (tmp_path / "paused").exists() and run.poll() is None and time.monotonic() < deadline:
+    while not paused.exists() and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
+    assert paused.exists(), run.communicate()[0][-3000:] if run.poll() is not None else "no pause"
+    return run
+
+
+def test_ctrl_c_writes_a_checkpoint_that_resumes(tmp_path, cache_dir):
+    env = cli_env(cache_dir)
+    rows_log = tmp_path / "rows.jsonl"
+    common = cli_command(rows_log, f"paths.log_dir={tmp_path}", "hydra.run.dir=" + str(tmp_path / "run"))
+    run = start_paused([*common, "+callbacks.rows.pause=30", "+callbacks.rows.pause_after=2"], env, rows_log)
     os.kill(run.pid, signal.SIGINT)  # in the pause before step 3, with its batch in flight
     output = run.communicate(timeout=120)[0]
     assert run.returncode != 0, output[-3000:]
@@ -271,7 +288,7 @@ def test_ctrl_c_writes_a_checkpoint_that_resumes(tmp_path, cache_dir):
         [*common, f"ckpt_path={on_exception}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == steps
+    assert checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")["global_step"] == MAX_STEPS
     logged = [json.loads(line) for line in rows_log.read_text().splitlines()]
-    assert [entry["step"] for entry in logged] == list(range(1, steps + 1))
-    assert [entry["rows"] for entry in logged] == expected_rows(42, steps)
+    assert [entry["step"] for entry in logged] == list(range(1, MAX_STEPS + 1))
+    assert [entry["rows"] for entry in logged] == expected_rows(42, MAX_STEPS)
