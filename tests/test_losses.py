@@ -1,8 +1,10 @@
-"""Token losses against float64 dense references written straight from the formulas."""
+"""Token losses against float64 references written from the papers' formulas
+(``loss_references.py``, independent of the loss classes), plus hand-sized cases."""
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
 from pathlib import Path
 
@@ -10,6 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from loss_references import (
+    ENGINE_KNOBS,
+    REFERENCES,
+    SED_CALIBRATION_KNOBS,
+    missing_reference_message,
+    reference,
+)
 from sedsft.losses import (
     LOSS_NAMES,
     LOSSES,
@@ -25,17 +34,11 @@ IGNORE = -100
 
 
 # -- references ---------------------------------------------------------------------------
-# Each loss carries its float64 formula (``TokenLoss.reference``, by default its ``value``),
-# so every registered loss is checked here without editing this file.
-def reference_per_token(loss_fn, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-token loss [n] over the target rows ``z`` [n, V] (float64), ``y`` [n]."""
-    assert z.dtype == torch.float64
-    return loss_fn.reference(z, y)
-
-
-def reference_mean(loss_fn, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def reference_mean(name: str, kw: dict, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean reference loss over the target rows of float64 ``logits`` [n, V], ``labels`` [n]."""
+    assert logits.dtype == torch.float64
     keep = labels != IGNORE
-    per = reference_per_token(loss_fn, logits[keep], labels[keep])
+    per = reference(name, logits[keep], labels[keep], **kw)
     return per.sum() / max(int(keep.sum()), 1)
 
 
@@ -97,6 +100,36 @@ def test_every_loss_is_covered_and_every_builtin_has_an_analytic_gradient():
     assert not LOSSES["label_smoothing"].has_analytic_gradient()
 
 
+def test_every_registered_loss_has_an_independent_reference():
+    """A loss is checked against its paper's formula, restated in ``loss_references.py``;
+    a registered loss without one fails here with what to add."""
+    missing = [name for name in LOSS_NAMES if name not in REFERENCES]
+    assert not missing, "\n".join(missing_reference_message(name) for name in missing)
+    with pytest.raises(KeyError, match=r"'focal' is registered but has no independent float64"):
+        reference("focal", torch.zeros(1, 2, dtype=torch.float64), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("name", LOSS_NAMES)
+def test_reference_knobs_and_defaults_match_the_loss(name):
+    """The reference takes the loss's formula knobs, with the same defaults: a knob added
+    to a loss (or a default changed) without its reference fails here."""
+    loss_params = inspect.signature(LOSSES[name].__init__).parameters
+    ref_params = inspect.signature(REFERENCES[name]).parameters
+    formula = {
+        k: p.default for k, p in loss_params.items() if k != "self" and k not in ENGINE_KNOBS
+    }
+    named = {
+        k: p.default
+        for k, p in ref_params.items()
+        if k not in ("z", "y") and p.kind != p.VAR_KEYWORD
+    }
+    if any(p.kind == p.VAR_KEYWORD for p in ref_params.values()):  # SED: how tau is found
+        formula = {k: v for k, v in formula.items() if k not in SED_CALIBRATION_KNOBS}
+    assert named == formula, (
+        f"tests/loss_references.py {name}: knobs and defaults {named} != the loss's {formula}"
+    )
+
+
 # -- value and gradient ---------------------------------------------------------------------
 @pytest.mark.parametrize("analytic", [True, False], ids=["analytic", "autograd"])
 @pytest.mark.parametrize(("name", "kw"), CONFIGS, ids=CONFIG_IDS)
@@ -110,15 +143,20 @@ def test_logits_path_matches_reference(name, kw, n, vocab, analytic):
     out.loss.backward()
 
     ref_x = logits.double().requires_grad_()
-    ref = reference_mean(loss_fn, ref_x, labels)
+    ref = reference_mean(name, kw, ref_x, labels)
     ref.backward()
     keep = labels != IGNORE
     assert out.num_tokens == int(keep.sum())
-    torch.testing.assert_close(out.loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
+    what = f"{name} {kw} ({'chunk' if analytic else 'autograd of value'}) vs its paper formula"
+    torch.testing.assert_close(
+        out.loss.double(), ref.detach(), rtol=1e-5, atol=1e-5, msg=lambda m: f"{what}: loss\n{m}"
+    )
     torch.testing.assert_close(
         out.loss_sum.double(), ref.detach() * keep.sum(), rtol=1e-5, atol=1e-4
     )
-    torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        x.grad.double(), ref_x.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{what}: gradient\n{m}"
+    )
     assert torch.all(x.grad[~keep] == 0)
 
     z = logits.double()[keep]
@@ -223,7 +261,7 @@ def test_batched_shape_and_grad_output_scaling():
     (2.5 * out.loss + out.loss_sum).backward()
 
     ref_x = logits.double().requires_grad_()
-    ref = reference_mean(build_loss("sed_nomask"), ref_x, labels)
+    ref = reference_mean("sed_nomask", {}, ref_x, labels)
     n = int((labels != IGNORE).sum())
     (2.5 * ref + ref * n).backward()
     assert x.grad.shape == logits.shape
@@ -242,7 +280,7 @@ def test_shifted_logits_view_is_read_in_place(name, dtype):
     out = build_loss(name, chunk_size=5, **kw)(x[:, :-1], labels)
     out.loss.backward()
     ref_x = full.double().requires_grad_()
-    ref = reference_mean(build_loss(name, **kw), ref_x[:, :-1].reshape(-1, 40), labels.reshape(-1))
+    ref = reference_mean(name, kw, ref_x[:, :-1].reshape(-1, 40), labels.reshape(-1))
     ref.backward()
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(out.loss.double(), ref.detach(), rtol=tol, atol=tol)
@@ -281,10 +319,21 @@ def test_fused_path_matches_reference(name, kw, with_bias, analytic):
     rh, rw = hidden.double().requires_grad_(), weight.double().requires_grad_()
     rb = bias.double().requires_grad_() if with_bias else None
     ref_logits = rh @ rw.T + (0 if rb is None else rb)
-    ref = reference_mean(loss_fn, ref_logits, labels)
+    ref = reference_mean(name, kw, ref_logits, labels)
     ref.backward()
-    torch.testing.assert_close(out.loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(h.grad.double(), rh.grad, rtol=1e-4, atol=1e-5)
+    what = (
+        f"{name} {kw} fused ({'chunk' if analytic else 'autograd of value'}) vs its paper formula"
+    )
+    torch.testing.assert_close(
+        out.loss.double(), ref.detach(), rtol=1e-5, atol=1e-5, msg=lambda m: f"{what}: loss\n{m}"
+    )
+    torch.testing.assert_close(
+        h.grad.double(),
+        rh.grad,
+        rtol=1e-4,
+        atol=1e-5,
+        msg=lambda m: f"{what}: hidden gradient\n{m}",
+    )
     torch.testing.assert_close(w.grad.double(), rw.grad, rtol=1e-4, atol=1e-5)
     if with_bias:
         torch.testing.assert_close(b.grad.double(), rb.grad, rtol=1e-4, atol=1e-5)
@@ -313,7 +362,7 @@ def test_fused_under_cpu_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = build_loss("ce", chunk_size=5).fused(hidden, weight, labels)
     out.loss.backward()
-    ref = reference_mean(build_loss("ce"), hidden.double() @ weight.detach().double().T, labels)
+    ref = reference_mean("ce", {}, hidden.double() @ weight.detach().double().T, labels)
     assert weight.grad.dtype == torch.float32
     torch.testing.assert_close(out.loss.double(), ref, rtol=2e-2, atol=2e-2)
 
@@ -395,7 +444,7 @@ def test_large_vocabulary_paths_match_reference(name):
     out = loss_fn(x, labels)
     out.loss.backward()
     ref_x = logits.double().requires_grad_()
-    ref = reference_mean(loss_fn, ref_x, labels)
+    ref = reference_mean(name, kw, ref_x, labels)
     ref.backward()
     torch.testing.assert_close(out.loss.double(), ref.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad.double(), ref_x.grad, rtol=1e-4, atol=1e-7)
@@ -538,6 +587,91 @@ def test_label_smoothing_by_hand():
         build_loss("label_smoothing", eps=1.0)
 
 
+# Hand-sized cases: logits log(weights), so p is the normalised weights and every value and
+# gradient below is worked out on paper from the paper's formula (not from the code).
+# Two classes z = [0, log 3]: p = [1/4, 3/4]. Three classes z = log [1, 2, 5]: p = [1, 2, 5] / 8.
+L = math.log
+S = 1 / (1 + 3**-0.01)  # sigmoid(0.01 * (log 3 - 0)): GEM's logsigmoid weight of class 1 for y = 0
+H2 = L(4) - 0.75 * L(3)  # H([1/4, 3/4])
+HAND_CASES = [
+    # (name, knobs, class weights, y, value, d value / d z, what the case pins down)
+    ("ce", {}, [1, 3], 1, L(4 / 3), [1 / 4, -1 / 4], "-log p_y; gradient p - e_y"),
+    # DFT: the gradient is p_y (p - e_y); without sg(p_y) it would be p_y (1 + log p_y) (p - e_y).
+    ("dft", {}, [1, 3], 1, 0.75 * L(4 / 3), [3 / 16, -3 / 16], "-sg(p_y) log p_y"),
+    ("dft", {}, [1, 3], 0, 0.25 * L(4), [-3 / 16, 3 / 16], "-sg(p_y) log p_y"),
+    # Entropy bonus: -log p_y - lam H; dH/dz_j = -p_j (log p_j + H).
+    ("entropy", {"lam": 0.5}, [1, 3], 0, L(4) - 0.5 * H2,
+     [0.25 - 1 + 0.5 * 0.25 * (L(0.25) + H2), 0.75 + 0.5 * 0.75 * (L(0.75) + H2)],
+     "-log p_y - lam H(p): a bonus lowers the loss"),
+    # GEM with beta = 1/2: q = softmax(2 z) = [1, 9] / 10. Value sum_v q_v w_v (z_v - z_y).
+    ("gem", {"beta": 0.5, "h": "linear"}, [1, 3], 0, 0.9 * L(3), [-0.9, 0.9], "q = softmax(z / beta)"),
+    ("gem", {"beta": 0.5, "h": "linear"}, [1, 3], 1, -0.1 * L(3), [0.1, -0.1], "q = softmax(z / beta)"),
+    # logsigmoid: w = [sigmoid(0), sigmoid(0.01 log 3)] = [1/2, S]; a = q w = [0.05, 0.9 S];
+    # gradient a - (sum a) e_y.
+    ("gem", {"beta": 0.5, "h": "logsigmoid"}, [1, 3], 0, 0.9 * S * L(3), [-0.9 * S, 0.9 * S],
+     "w_v = sg(sigmoid(0.01 (z_v - z_y)))"),
+    # SED, k = 1: c_1 = 3/4. Masked (tau 0.8): +lam (1/4 - 1/2)^2, gradient (p - e_y) times
+    # 1 - 2 lam (p_y - 1/2) p_y = 1 + 1/8. Unmasked (tau 0.7): CE.
+    ("sed", {"lam": 1.0, "top_k": 1, "tau": 0.8}, [1, 3], 0, L(4) + 1 / 16, [-27 / 32, 27 / 32],
+     "masked: -log p_y + lam (p_y - 1/2)^2"),
+    ("sed", {"lam": 1.0, "top_k": 1, "tau": 0.7}, [1, 3], 0, L(4), [-3 / 4, 3 / 4], "unmasked (c_k >= tau): CE"),
+    # SED, three classes, k = 2: c_2 = 7/8; y = 1 (p_y = 1/4), lam = 2: factor 1 + 1/4.
+    ("sed", {"lam": 2.0, "top_k": 2, "tau": 0.9}, [1, 2, 5], 1, L(4) + 1 / 8,
+     [5 / 32, -15 / 16, 25 / 32], "masked: c_2 = 7/8 < tau"),
+    ("sed", {"lam": 2.0, "top_k": 2, "tau": 0.85}, [1, 2, 5], 1, L(4), [1 / 8, -3 / 4, 5 / 8],
+     "unmasked: c_2 = 7/8 >= tau"),
+    # sed_nomask, p_y = 3/4: +(1/4)^2; factor 1 - 2 (1/4)(3/4) = 5/8.
+    ("sed_nomask", {"lam": 1.0}, [1, 3], 1, L(4 / 3) + 1 / 16, [5 / 32, -5 / 32],
+     "-log p_y + lam (p_y - 1/2)^2 everywhere"),
+    # Label smoothing, eps = 0.2, y = 0: gradient p - (1 - eps) e_y - eps / V.
+    ("label_smoothing", {"eps": 0.2}, [1, 3], 0, 0.8 * L(4) + 0.1 * (L(4) + L(4 / 3)),
+     [0.25 - 0.8 - 0.1, 0.75 - 0.1], "-(1 - eps) log p_y - eps mean_v log p_v"),
+]  # fmt: skip
+HAND_IDS = [
+    f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items())}-y{y}" for n, kw, _, y, *_ in HAND_CASES
+]
+
+
+def test_hand_cases_cover_every_loss():
+    assert {case[0] for case in HAND_CASES} == set(LOSS_NAMES), "add a hand case for each new loss"
+
+
+@pytest.mark.parametrize("analytic", [True, False], ids=["analytic", "autograd"])
+@pytest.mark.parametrize(
+    ("name", "kw", "weights", "y", "value", "grad", "what"), HAND_CASES, ids=HAND_IDS
+)
+def test_hand_case(name, kw, weights, y, value, grad, what, analytic):
+    """Value and gradient of one target row, worked out on paper, for the loss (both paths
+    of the engine) and for its reference in loss_references.py."""
+    z64 = torch.tensor([weights], dtype=torch.float64).log()
+    expected, expected_grad = (
+        torch.tensor(value, dtype=torch.float64),
+        torch.tensor([grad], dtype=torch.float64),
+    )
+    ref_z = z64.clone().requires_grad_()
+    ref = reference(name, ref_z, torch.tensor([y]), **kw).sum()
+    ref.backward()
+    torch.testing.assert_close(
+        ref.detach(), expected, msg=lambda m: f"reference {name} {kw} ({what}): value\n{m}"
+    )
+    torch.testing.assert_close(
+        ref_z.grad, expected_grad, msg=lambda m: f"reference {name} {kw}: gradient\n{m}"
+    )
+
+    z = z64.float().requires_grad_()
+    out = make_loss(name, kw, analytic)(z, torch.tensor([y]))
+    out.loss.backward()
+    path = "chunk" if analytic and LOSSES[name].has_analytic_gradient() else "value (autograd)"
+    torch.testing.assert_close(
+        out.loss.double(), expected, rtol=1e-6, atol=1e-6,
+        msg=lambda m: f"{name} {kw} via {path}: loss value is not the paper's ({what})\n{m}",
+    )  # fmt: skip
+    torch.testing.assert_close(
+        z.grad.double(), expected_grad, rtol=1e-5, atol=1e-6,
+        msg=lambda m: f"{name} {kw} via {path}: gradient is not the paper's ({what})\n{m}",
+    )  # fmt: skip
+
+
 def test_dft_uniform_two_classes_is_half_ce():
     out = build_loss("dft")(torch.zeros(4, 2), torch.tensor([0, 1, 1, 0]))
     assert out.loss.item() == pytest.approx(math.log(2) / 2)
@@ -677,7 +811,8 @@ def test_tau_from_topk_mass():
 
 
 def test_benchmark_dense_formulas_match_the_losses(monkeypatch):
-    # The benchmark's naive baselines must compute the same losses as the engine.
+    # The benchmark's dense baselines (the loss's value on the full logits) and the engine
+    # must both compute the paper's formula, checked against the independent reference.
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "losses.py"
     monkeypatch.syspath_prepend(str(path.parent))  # its sibling module measure
     spec = importlib.util.spec_from_file_location("bench_losses", path)
@@ -695,3 +830,21 @@ def test_benchmark_dense_formulas_match_the_losses(monkeypatch):
         out.loss.backward()
         torch.testing.assert_close(out.loss, dense, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-4, atol=1e-6)
+        x3 = logits.double().requires_grad_()
+        ref = reference_mean(name, knobs, x3, labels)
+        ref.backward()
+        what = f"benchmark dense {name} {knobs} vs its paper formula"
+        torch.testing.assert_close(
+            dense.double(),
+            ref.detach(),
+            rtol=1e-5,
+            atol=1e-5,
+            msg=lambda m, what=what: f"{what}: loss\n{m}",
+        )
+        torch.testing.assert_close(
+            x1.grad.double(),
+            x3.grad,
+            rtol=1e-4,
+            atol=1e-6,
+            msg=lambda m, what=what: f"{what}: gradient\n{m}",
+        )

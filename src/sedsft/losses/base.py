@@ -12,7 +12,10 @@ A loss is one subclass of ``TokenLoss`` in one file under ``sedsft/losses/``:
 - ``chunk(c)`` (optional): the same loss with a hand-derived gradient written into
   ``c.buf``, reusing the engine's softmax; a speed-up only, checked against ``value``'s
   autograd gradient by the tests for every loss that has one.
-- ``reference(z, y)`` (optional): a float64 formula for the tests; defaults to ``value``.
+
+The tests hold, for every registered name, a float64 reference written from the paper's
+formula apart from this code (``tests/loss_references.py``): ``value`` and ``chunk`` are
+checked against it, so a wrong formula cannot pass by agreeing with itself.
 """
 
 from __future__ import annotations
@@ -122,12 +125,6 @@ class TokenLoss(nn.Module):
         targets ``y`` [C] int64, differentiable in ``z``; optionally also a dict of extra
         per-token metrics [C] (names listed in ``extra_metrics``), averaged over tokens."""
         raise NotImplementedError(f"{type(self).__name__} must define value(z, y)")
-
-    def reference(self, z: Tensor, y: Tensor) -> Tensor:
-        """Per-token float64 loss [C] the tests compare against (autograd gives the reference
-        gradient); by default ``value``. Override it to state the formula independently."""
-        out = self.value(z, y)
-        return out[0] if isinstance(out, tuple) else out
 
     def chunk(self, c: Chunk) -> ChunkResult:
         """Optional analytic path: per-token loss [C] and, when ``c.need_grad``, its gradient
