@@ -1,6 +1,7 @@
 """Where the mask falls: per-kind statistics of a model over toy solutions, and their table."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,10 @@ def test_position_report_calibrates_tau_on_the_base(small_lm, chatml_tokenizer):
     rows = toy_math.generate(6, seed=5)
     report = position_report((small_lm, chatml_tokenizer), (small_lm, chatml_tokenizer), rows, top_k=3)
     stats = token_statistics(small_lm, chatml_tokenizer, rows, top_k=3)
-    assert float((stats["topk_mass"] < report["tau"]).float().mean()) <= 0.3 + 1e-9  # 70% at or above tau
+    # 70% at or above tau: exactly n - ceil(0.7 n) masses below it (no ties among them)
+    n = stats["topk_mass"].numel()
+    below = int((stats["topk_mass"] < report["tau"]).sum())
+    assert below == n - math.ceil(0.7 * n), f"{below} of {n} positions below tau, expected {n - math.ceil(0.7 * n)}"
     for kind in toy_math.POSITION_KINDS:  # the same model on both sides
         assert report[f"base/mask_rate/{kind}"] == report[f"sft/mask_rate/{kind}"]
 
