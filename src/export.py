@@ -17,7 +17,6 @@ import os
 import sys
 from pathlib import Path
 
-import hydra
 from omegaconf import OmegaConf
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
@@ -25,6 +24,7 @@ os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 from sedsft.checkpoints import (  # noqa: E402
     checkpoint_tau,
     load_checkpoint,
+    loss_from_stored,
     loss_meta,
     model_from_checkpoint,
     save_hf,
@@ -40,7 +40,7 @@ def export(ckpt: str, out: str, merge: bool = True, dtype: str | None = None, mo
     lm, tokenizer, config = model_from_checkpoint(checkpoint, ckpt, model)
     if dtype is not None:
         lm.to(resolve_dtype(dtype))
-    loss = hydra.utils.instantiate(OmegaConf.create(config["loss"]))
+    loss = loss_from_stored(config.get("loss") or {}, ckpt)
     tau = checkpoint_tau(checkpoint)
     if tau is not None and hasattr(loss, "set_tau"):
         loss.set_tau(tau)

@@ -15,21 +15,36 @@ Layouts read by ``load_model`` / ``load_checkpoint``:
 A Lightning checkpoint carries the run's resolved config (``checkpoint["sedsft"]``): its
 ``model`` entry rebuilds the model (base weights from ``model.name_or_path``, overridable),
 then the checkpoint's weights replace them. LoRA runs load their adapters into the base.
+
+Loading never runs code from the file: checkpoints are shared and downloaded, and both
+routes by which one could run code are closed. Every file is unpickled with
+``torch.load(weights_only=True)`` (tensors, containers and primitives only; third-party
+loaders run under ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``), and the stored model config is data, not
+a recipe: its ``_target_`` must name a model spec class of ``sedsft.models`` (see
+:func:`spec_from_stored`), nothing in it is instantiated recursively, and remote code stays
+off unless the caller turns it on.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import importlib
 import json
+import os
+import pickle
 import tempfile
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import hydra
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from sedsft.models.hf import CausalLMSpec
 from sedsft.models.lora import is_peft, save_lora
 
 MODEL_PREFIX = "model."  # SFTModule keeps the Hugging Face model under ``self.model``
@@ -45,30 +60,178 @@ def hf_directory(path: str | Path) -> Path | None:
     return None
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint asked to run code (a pickled object, a foreign ``_target_``, remote code)."""
+
+
+# Pickle errors of a file that is no checkpoint, or one holding objects weights_only refuses.
+_UNPICKLE_ERRORS = (pickle.UnpicklingError, FileNotFoundError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, AttributeError)
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every ``torch.load`` inside runs with ``weights_only=True``, even where a third-party
+    loader (Lightning's DeepSpeed converter, DeepSpeed's ``zero_to_fp32``) passes ``False``.
+    Sets the process environment for the duration: not for concurrent use from threads."""
+    saved = {key: os.environ.get(key) for key in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _refused(path: Path, err: Exception) -> Exception:
+    text = str(err)
+    found = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), "")
+    if isinstance(err, pickle.UnpicklingError) and found:
+        return UnsafeCheckpointError(
+            f"{path}: refused to load: the file holds pickled Python objects, not only tensors and plain "
+            f"data ({found}); loading it could run code from the file. Use the "
+            "run's Hugging Face export (hf/) or a checkpoint written by src/train.py"
+        )
+    return ValueError(
+        f"{path}: not a readable checkpoint ({type(err).__name__}: {text.splitlines()[0] if text else ''}); "
+        "ckpt= / policy= take a run directory, a Hugging Face directory (config.json) or a Lightning .ckpt "
+        "file written by src/train.py"
+    )
+
+
 def load_checkpoint(path: str | Path) -> dict:
-    """A Lightning checkpoint as one dict (``state_dict`` + the rest), whatever its layout."""
+    """A Lightning checkpoint as one dict (``state_dict`` + the rest), whatever its layout,
+    read with ``weights_only=True`` (:class:`UnsafeCheckpointError` when it holds objects)."""
     path = Path(path)
-    if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=False)
-    if (path / "meta.pt").is_file():  # FSDPStrategy(state_dict_type="sharded")
-        from lightning.fabric.utilities.load import _load_distributed_checkpoint
-        from lightning.pytorch.utilities.consolidate_checkpoint import _format_checkpoint
-
-        return _format_checkpoint(_load_distributed_checkpoint(path))
-    if (path / "latest").is_file():  # DeepSpeedStrategy
-        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
-
-        try:
-            with tempfile.TemporaryDirectory() as scratch:
-                return convert_zero_checkpoint_to_fp32_state_dict(path, Path(scratch) / "consolidated.ckpt")
-        except ModuleNotFoundError as err:
-            raise ImportError(
-                f"{path} is a DeepSpeed checkpoint; converting it needs pip install 'sedsft[deepspeed]'"
-            ) from err
+    try:
+        if path.is_file():
+            return torch.load(path, map_location="cpu", weights_only=True)
+        if (path / "meta.pt").is_file():  # FSDPStrategy(state_dict_type="sharded")
+            return _load_sharded(path)
+        if (path / "latest").is_file():  # DeepSpeedStrategy
+            return _load_deepspeed(path)
+    except _UNPICKLE_ERRORS as err:
+        raise _refused(path, err) from err
     raise FileNotFoundError(
         f"{path}: not a Hugging Face directory (config.json), a run directory with hf/, a "
         "Lightning .ckpt file, an FSDP checkpoint directory (meta.pt) or a DeepSpeed one (latest)"
     )
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a ``torch.distributed.checkpoint`` ``.metadata`` file (a plain pickle, which
+    torch reads with ``pickle.load``) allowing only the classes such a file holds."""
+
+    ALLOWED = {
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch.distributed.checkpoint.metadata" or (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"Weights only load failed: GLOBAL {module}.{name} is not allowed in .metadata")
+
+
+def _load_sharded(path: Path) -> dict:
+    """Lightning's consolidation of a sharded FSDP checkpoint (DCP shards + ``meta.pt``),
+    with the DCP metadata read by :class:`_MetadataUnpickler` and every ``torch.load``
+    weights-only."""
+    from lightning.pytorch.utilities.consolidate_checkpoint import _format_checkpoint
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.metadata import StorageMeta
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as stream:
+                metadata = _MetadataUnpickler(stream).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    with open(path / ".metadata", "rb") as stream:  # refused here rather than inside DCP's retries
+        _MetadataUnpickler(stream).load()
+    checkpoint: dict[str, Any] = {}
+    with weights_only_loads():
+        _load_state_dict(checkpoint, storage_reader=SafeReader(path), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    checkpoint.update(torch.load(path / "meta.pt", map_location="cpu", weights_only=True))
+    return _format_checkpoint(checkpoint)
+
+
+def _load_deepspeed(path: Path) -> dict:
+    try:
+        import deepspeed  # noqa: F401  (the converter needs it; fail here with the install hint)
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+    except ModuleNotFoundError as err:
+        raise ImportError(f"{path} is a DeepSpeed checkpoint; converting it needs pip install 'sedsft[deepspeed]'") from err
+    with tempfile.TemporaryDirectory() as scratch, weights_only_loads():
+        return convert_zero_checkpoint_to_fp32_state_dict(path, Path(scratch) / "consolidated.ckpt")
+
+
+_TARGET_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
+
+
+def _nested_targets(value: Any, where: str) -> list[str]:
+    if isinstance(value, dict):
+        found = [f"{where}.{k}" for k in value if k in _TARGET_KEYS]
+        for key, item in value.items():
+            found += _nested_targets(item, f"{where}.{key}")
+        return found
+    if isinstance(value, list | tuple):
+        return [hit for i, item in enumerate(value) for hit in _nested_targets(item, f"{where}[{i}]")]
+    return []
+
+
+def spec_from_stored(model: dict, source: str | Path = "checkpoint", overrides: dict | None = None) -> CausalLMSpec:
+    """The model spec a checkpoint's stored ``model`` config describes, built as data.
+
+    ``model["_target_"]`` must name a subclass of :class:`CausalLMSpec` defined in the
+    ``sedsft.models`` package (the only classes imported: the project's own code); every
+    other key must be a field of it, and no value may hold a ``_target_`` of its own.
+    ``trust_remote_code`` is taken from ``overrides`` only: a stored ``true`` would run code
+    from the repository the checkpoint names, so it is refused unless the caller sets it.
+    """
+    stored = dict(model)
+    target = str(stored.pop("_target_", ""))
+    module_name, _, class_name = target.rpartition(".")
+    cls = None
+    if module_name == "sedsft.models" or module_name.startswith("sedsft.models."):
+        cls = getattr(importlib.import_module(module_name), class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, CausalLMSpec)):
+        raise UnsafeCheckpointError(
+            f"{source}: the stored model config names _target_={target!r}, which is not a model spec of "
+            "sedsft.models (a CausalLMSpec subclass); a checkpoint never chooses code to run"
+        )
+    overrides = dict(overrides or {})
+    nested = _nested_targets({k: v for k, v in stored.items() if k not in _TARGET_KEYS}, "model")
+    nested += [f"model.{k}" for k in stored if k in _TARGET_KEYS]
+    if nested:
+        raise UnsafeCheckpointError(f"{source}: the stored model config holds instantiation keys {nested}; refusing to build it")
+    stored_kwargs = stored.get("model_kwargs") or {}
+    if (stored.get("trust_remote_code") or stored_kwargs.get("trust_remote_code")) and "trust_remote_code" not in overrides:
+        raise UnsafeCheckpointError(
+            f"{source}: the stored model config sets trust_remote_code=true, which would run code from "
+            f"{stored.get('name_or_path')!r}; pass model.trust_remote_code=true yourself if you trust it"
+        )
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {**stored, "trust_remote_code": False, **overrides}
+    values["model_kwargs"] = {k: v for k, v in (values.get("model_kwargs") or {}).items() if k != "trust_remote_code"}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        raise ValueError(f"{source}: unknown model option(s) {unknown} for {target}; allowed: {sorted(fields)}")
+    return cls(**values)
 
 
 def model_from_checkpoint(
@@ -85,8 +248,12 @@ def model_from_checkpoint(
             f"{source}: the checkpoint carries no sedsft run config (not written by src/train.py); "
             "load its Hugging Face export instead"
         )
-    config = OmegaConf.create(meta["config"])
-    spec = hydra.utils.instantiate(OmegaConf.merge(config.model, model_overrides or {}))
+    # Plain data from here on: the stored config was resolved when it was written, and an
+    # interpolation in it is never resolved (a resolver can act: make directories, read env).
+    config = OmegaConf.to_container(OmegaConf.create(meta["config"]), resolve=False)
+    if not isinstance(config.get("model"), dict):
+        raise ValueError(f"{source}: the stored run config has no model section")
+    spec = spec_from_stored(config["model"], source, model_overrides)
     spec.gradient_checkpointing, spec.compile = False, False
     if spec.lora:  # load adapters onto the full-precision base, never onto a quantised one
         spec.lora = {**spec.lora, "quantization": None}
@@ -110,7 +277,22 @@ def model_from_checkpoint(
         model.load_state_dict(state, strict=False)
     else:
         model.load_state_dict(state, strict=True)
-    return model, tokenizer, OmegaConf.to_container(config, resolve=True)
+    return model, tokenizer, config
+
+
+def loss_from_stored(loss: dict, source: str | Path = "checkpoint") -> nn.Module:
+    """The loss a checkpoint's stored ``loss`` config names, built through the loss registry
+    (``sedsft.losses.build_loss``), never by instantiating a stored ``_target_``."""
+    from sedsft.losses import build_loss
+
+    knobs = dict(loss)
+    target = knobs.pop("_target_", None)
+    if target != "sedsft.losses.build_loss" or "name" not in knobs:
+        raise UnsafeCheckpointError(
+            f"{source}: the stored loss config names _target_={target!r}; only sedsft.losses.build_loss "
+            "with a registered loss name is built from a checkpoint"
+        )
+    return build_loss(**knobs)
 
 
 def checkpoint_tau(checkpoint: dict) -> float | None:

@@ -102,7 +102,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     runlog.log_scalars(trainer, skipped, step=0)
     if cfg.get("train", True):
         try:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+            # weights_only: a checkpoint given to resume from holds tensors and plain data only
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
         except SIGTERMException:  # Lightning exits 0 here: a pre-empted run is not a success
             raise preempted(trainer) from None
     metrics = _scalars(trainer.callback_metrics)
@@ -113,7 +114,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # as they are. Without fitting: the given checkpoint.
         best = getattr(trainer.checkpoint_callback, "best_model_path", "")
         checkpoint = (best or None) if cfg.get("train", True) else cfg.get("ckpt_path")
-        trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint)
+        trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True)
         metrics.update(_scalars(trainer.callback_metrics))
     runlog.log_hparams(trainer, runlog.run_hparams(cfg), metrics)
     if trainer.is_global_zero:
