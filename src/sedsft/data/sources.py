@@ -16,8 +16,9 @@ from pathlib import Path
 import datasets
 import pyarrow as pa
 
-from sedsft.data import toy_math
+from sedsft.data import toy_math, toy_routes
 from sedsft.data.formats import PROBLEM_FIELD, DataError, row_problem
+from sedsft.utils.code_digest import source_digest
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -56,11 +57,43 @@ class ToyMathSource:
         return f"toy_math(n={self.n}, seed={self.seed})"
 
     def fingerprint(self) -> str:
-        return _digest({"toy_math": asdict(self), "version": 1})
+        return _digest({"toy_math": asdict(self), "code": source_digest(toy_math)})
 
     def load(self) -> datasets.Dataset:
         weights = dict(self.style_weights) if self.style_weights else None
         return datasets.Dataset.from_list(toy_math.generate(self.n, self.seed, weights))
+
+
+@dataclass
+class RoutesSource:
+    """One split of the routes task (``sedsft.data.toy_routes``), generated deterministically.
+
+    Attributes:
+        split: ``sft`` (easy), ``calibration`` (easy, tau), ``rl`` or ``heldout`` (half easy,
+            half hard); splits never share a problem's numbers.
+        n: number of problems.
+        seed: generation seed within the split.
+        style_weights: relative frequency of each solution style (route); None = uniform.
+        ranges: ``toy_routes.Ranges`` overrides (cap, hard_max, max_change, start_min).
+    """
+
+    split: str = "sft"
+    n: int = 2000
+    seed: int = 0
+    style_weights: dict[str, float] | None = None
+    ranges: dict[str, int] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"routes(split={self.split}, n={self.n}, seed={self.seed})"
+
+    def fingerprint(self) -> str:
+        return _digest({"routes": asdict(self), "code": source_digest(toy_math, toy_routes)})
+
+    def load(self) -> datasets.Dataset:
+        weights = dict(self.style_weights) if self.style_weights else None
+        ranges = toy_routes.Ranges(**dict(self.ranges or {}))
+        return datasets.Dataset.from_list(toy_routes.generate(self.split, self.n, self.seed, weights, ranges))
 
 
 @dataclass

@@ -13,13 +13,16 @@ chance after 900 steps and took about 2,500 (toy-lab measurements, README).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import random
 import shutil
+import sys
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,9 +30,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from sedsft.data import toy_math
+from sedsft.data import toy_math, toy_routes
 from sedsft.data.formats import PAPER_SYSTEM_PROMPT
 from sedsft.models.hf import CausalLMSpec
+from sedsft.utils.code_digest import source_digest
 from sedsft.utils.schedules import cosine_with_warmup
 
 log = logging.getLogger(__name__)
@@ -43,7 +47,9 @@ CHATML_TEMPLATE = (
 """ChatML, the format of Qwen2.5; the assistant turn ends with ``<|im_end|>``."""
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-BUILD_VERSION = 2  # bump when the construction below changes, to invalidate caches
+TASKS = ("toy_math", "routes")
+"""What a tiny base is pretrained on: the toy (``toy_math``) or the routes task
+(``toy_routes``, covered range only)."""
 WHOLE_NUMBERS = 64  # 0 .. WHOLE_NUMBERS-1 are single tokens when the vocabulary holds every merge
 _NUMBER_LINE_REPEATS = 50  # copies of "0 1 ... 63" in the tokenizer corpus
 
@@ -103,11 +109,32 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     return fast
 
 
-def tokenizer_corpus(size: int, seed: int) -> list[str]:
-    """What the tiny tokenizer learns from: ``size`` toy problems with their solutions in
-    every style, and the chat scaffolding that is part of every example (role names,
-    which open a line in ChatML, and the paper's system prompt)."""
-    return toy_math.corpus(size, seed=seed) + ["system\nuser\nassistant", PAPER_SYSTEM_PROMPT] * 50
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"model.task={task!r}: allowed {list(TASKS)}")
+
+
+def tokenizer_corpus(size: int, seed: int, task: str = "toy_math", routes: dict | None = None) -> list[str]:
+    """What the tiny tokenizer learns from: ``size`` problems of ``task`` with their
+    solutions in every style, and the chat scaffolding that is part of every example (role
+    names, which open a line in ChatML, and the paper's system prompt)."""
+    _check_task(task)
+    if task == "routes":
+        problems = toy_routes.corpus(size, seed=seed, ranges=toy_routes.Ranges(**(routes or {})))
+    else:
+        problems = toy_math.corpus(size, seed=seed)
+    return problems + ["system\nuser\nassistant", PAPER_SYSTEM_PROMPT] * 50
+
+
+def pretraining_rows(
+    n: int, seed: int, style_weights: dict[str, float] | None, task: str = "toy_math", routes: dict | None = None
+) -> list[dict[str, str]]:
+    """The pretraining problems of ``task``: toy problems, or the routes task's easy
+    problems of the SFT triples (never a hard running total, never a held-out triple)."""
+    _check_task(task)
+    if task == "routes":
+        return toy_routes.generate("pretrain", n, seed=seed, style_weights=style_weights, ranges=toy_routes.Ranges(**(routes or {})))
+    return toy_math.generate(n, seed=seed, style_weights=style_weights)
 
 
 def pretrain(
@@ -118,6 +145,8 @@ def pretrain(
     lr: float = 3e-3,
     seed: int = 0,
     style_weights: dict[str, float] | None = None,
+    task: str = "toy_math",
+    routes: dict | None = None,
 ) -> list[float]:
     """Give the model a prior: next-token training on every token of chat-formatted toy
     problems whose solutions are drawn from all styles (uniformly by default).
@@ -128,9 +157,10 @@ def pretrain(
     shuffled with ``seed``), so almost no compute goes to padding. Batches are small
     because the sums are learnt after a number of updates more than of examples: for the
     same compute, 16 x 1000 steps reached 58% teacher-forced accuracy on them where
-    32 x 500 reached 14%. Returns the losses.
+    32 x 500 reached 14%. ``task`` / ``routes`` choose the problems (``pretraining_rows``).
+    Returns the losses.
     """
-    rows = toy_math.generate(steps * batch_size, seed=seed + 10_000, style_weights=style_weights)
+    rows = pretraining_rows(steps * batch_size, seed + 10_000, style_weights, task, routes)
     texts = [
         tokenizer.apply_chat_template(
             [{"role": "user", "content": r["question"]}, {"role": "assistant", "content": r["response"]}],
@@ -169,11 +199,18 @@ def pretrain(
 
 
 def build_tiny(
-    directory: Path, arch: TinyArch, seed: int, corpus_size: int, pretrain_steps: int = 0, pretrain_kwargs: dict | None = None
+    directory: Path,
+    arch: TinyArch,
+    seed: int,
+    corpus_size: int,
+    pretrain_steps: int = 0,
+    pretrain_kwargs: dict | None = None,
+    task: str = "toy_math",
+    routes: dict | None = None,
 ) -> None:
-    """Train the tokenizer, build a Llama (pretrained on toy text when ``pretrain_steps``),
-    save both in ``directory``."""
-    tokenizer = train_tokenizer(tokenizer_corpus(corpus_size, seed), arch.vocab_size)
+    """Train the tokenizer, build a Llama (pretrained on ``task``'s text when
+    ``pretrain_steps``), save both in ``directory``."""
+    tokenizer = train_tokenizer(tokenizer_corpus(corpus_size, seed, task, routes), arch.vocab_size)
     if len(tokenizer) != arch.vocab_size:
         raise ValueError(
             f"model.arch.vocab_size={arch.vocab_size}, but the toy corpus (model.corpus_size="
@@ -191,7 +228,7 @@ def build_tiny(
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     if pretrain_steps:
-        pretrain(model, tokenizer, pretrain_steps, seed=seed, **(pretrain_kwargs or {}))
+        pretrain(model, tokenizer, pretrain_steps, seed=seed, task=task, routes=routes, **(pretrain_kwargs or {}))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(directory)
@@ -203,6 +240,10 @@ class TinyLMSpec(CausalLMSpec):
     """``model=tiny`` / ``model=tiny_lab``: built on first use, cached under ``cache_dir``
     (one directory per construction), then loaded from disk.
 
+    The cache key is the construction: these settings and a digest of the source of the
+    code that builds the base (this module and the task's generator), so a changed
+    generator or pretraining loop builds a new base instead of reusing an old one.
+
     Attributes:
         cache_dir: where built models live (one sub-directory per construction hash).
         seed: seed of tokenizer corpus and weight initialisation.
@@ -213,6 +254,9 @@ class TinyLMSpec(CausalLMSpec):
             learnt late: after CE-SFT on the toy mix, held-out pass@1 was 0.32 with 1000
             steps and 0.53 with 1600 (README, toy lab).
         pretrain: options of ``pretrain`` (batch_size, lr, style_weights).
+        task: what the base is pretrained on and its tokenizer learns from: ``toy_math``
+            (the toy lab) or ``routes`` (the routes task's covered range).
+        routes: ``toy_routes.Ranges`` overrides for ``task=routes`` (cap, hard_max, max_change).
     """
 
     name_or_path: str = "tiny-llama"
@@ -223,10 +267,17 @@ class TinyLMSpec(CausalLMSpec):
     arch: dict | None = None
     pretrain_steps: int = 0
     pretrain: dict | None = None
+    task: str = "toy_math"
+    routes: dict | None = None
 
     def construction(self) -> dict:
+        _check_task(self.task)
+        generators = (toy_math, toy_routes) if self.task == "routes" else (toy_math,)
+        # the ranges in full, so an explicit default and an omitted one share a base
+        task = {"task": self.task, "routes": asdict(toy_routes.Ranges(**dict(self.routes or {})))} if self.task == "routes" else {}
         return {
-            "version": BUILD_VERSION,
+            "code": source_digest(sys.modules[__name__], *generators),
+            **task,
             "arch": asdict(TinyArch(**(self.arch or {}))),
             "seed": self.seed,
             "corpus_size": self.corpus_size,
@@ -239,20 +290,38 @@ class TinyLMSpec(CausalLMSpec):
         digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
         target = Path(self.cache_dir) / f"{self.name_or_path}-{digest}"
         if not (target / "config.json").exists():
-            log.info("building %s into %s (once; later runs load it)", self.name_or_path, target)
             target.parent.mkdir(parents=True, exist_ok=True)
-            # Build in a scratch directory and rename: parallel runs (multirun, test
-            # workers) never see a half-written model.
-            scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
-            try:
-                build_tiny(
-                    scratch, TinyArch(**recipe["arch"]), self.seed, self.corpus_size, self.pretrain_steps, recipe["pretrain"]
-                )
-                (scratch / "construction.json").write_text(json.dumps(recipe, indent=2))
-                os.replace(scratch, target)
-            except OSError:
+            with _build_lock(target):  # parallel jobs wanting one base build it once
                 if not (target / "config.json").exists():
-                    raise
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
+                    self._build(target, recipe)
         return str(target)
+
+    def _build(self, target: Path, recipe: dict) -> None:
+        """Build into a scratch directory and rename: parallel runs (multirun, test workers)
+        never see a half-written model."""
+        log.info("building %s into %s (once; later runs load it)", self.name_or_path, target)
+        scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
+        try:
+            build_tiny(
+                scratch, TinyArch(**recipe["arch"]), self.seed, self.corpus_size, self.pretrain_steps,
+                recipe["pretrain"], self.task, recipe.get("routes"),
+            )
+            (scratch / "construction.json").write_text(json.dumps(recipe, indent=2))
+            os.replace(scratch, target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+@contextmanager
+def _build_lock(target: Path):
+    """An exclusive lock next to ``target`` while it is built: a second process asking for
+    the same base (two grid jobs with one base seed) waits and then loads it."""
+    with open(target.parent / f".{target.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-STAGES = ("sft", "positions", "rl")
+STAGES = ("sft", "positions", "rl", "routes")  # routes: the routes task's report (sedsft.pipeline.routes)
 # what a pipeline job keeps of each stage's metrics.json, under <stage>/<key>
 RL_KEYS_BEFORE = "heldout_before/"  # held-out metrics of the SFT policy (before RL)
 RL_KEYS_AFTER = "heldout/"  # held-out metrics after RL
@@ -70,6 +70,10 @@ def run_stage(cfg: DictConfig, stage: str, job_dir: Path) -> dict[str, float]:
         return json.loads(out.read_text())
     if stage == "positions":
         return run_positions(cfg, job_dir)
+    if stage == "routes":
+        from sedsft.pipeline.routes import run_routes
+
+        return run_routes(cfg, job_dir)
     stage_cfg = stage_config("train" if stage == "sft" else "rl", stage_overrides(cfg, stage, job_dir))
     (job_dir / stage).mkdir(parents=True, exist_ok=True)
     (job_dir / stage / "config.yaml").write_text(OmegaConf.to_yaml(stage_cfg, resolve=True))
@@ -94,12 +98,16 @@ def run_positions(cfg: DictConfig, job_dir: Path) -> dict[str, float]:
 
     train_cfg = stage_config("train", stage_overrides(cfg, "sft", job_dir))
     val = train_cfg.data.get("val")
-    if val is None or not str(val.get("_target_", "")).endswith("ToyMathSource"):
+    if val is None or not str(val.get("_target_", "")).endswith(("ToyMathSource", "RoutesSource")):
         log.warning("positions: the SFT data is not the toy (data.val=%s); no position report", val)
         return {}
     n = min(int(cfg.positions.num_examples), int(val.n))
-    style_weights = OmegaConf.to_container(val.style_weights) if val.get("style_weights") else None
-    rows = toy_math.generate(n, seed=int(val.seed), style_weights=style_weights)
+    if str(val._target_).endswith("RoutesSource"):  # the routes task: its own calibration split
+        table = hydra.utils.instantiate(val).load()
+        rows = [table[i] for i in range(n)]
+    else:
+        style_weights = OmegaConf.to_container(val.style_weights) if val.get("style_weights") else None
+        rows = toy_math.generate(n, seed=int(val.seed), style_weights=style_weights)
     spec = hydra.utils.instantiate(train_cfg.model)
     base = (spec.load_model(), spec.load_tokenizer())
     tuned = load_model(job_dir / "sft")

@@ -51,6 +51,22 @@ POSITION_METRICS: tuple[tuple[str, str], ...] = (
 )
 
 
+# Columns of the routes table (the ``routes`` stage, routes task): held-out pass@1 per
+# difficulty and the share of the working route on hard prompts, before (sft/) and after (rl/) RL.
+ROUTES_METRICS: tuple[tuple[str, str], ...] = (
+    ("sft/hard/pass@1", "hard pass@1 SFT"),
+    ("rl/hard/pass@1", "hard pass@1 RL"),
+    ("sft/overall/pass@1", "pass@1 SFT"),
+    ("rl/overall/pass@1", "pass@1 RL"),
+    ("sft/easy/pass@1", "easy pass@1 SFT"),
+    ("rl/easy/pass@1", "easy pass@1 RL"),
+    ("sft/hard/pass@16", "hard pass@16 SFT"),
+    ("rl/hard/pass@16", "hard pass@16 RL"),
+    ("sft/hard/route_frac/net_change", "hard net_change SFT"),
+    ("rl/hard/route_frac/net_change", "hard net_change RL"),
+)
+
+
 def collect(root: str | Path) -> pd.DataFrame:
     """One row per finished job below ``root``: loss, seed and every stage metric as
     ``<stage>/<key>`` columns."""
@@ -145,8 +161,9 @@ def summary_tables(
     order: Sequence[str] | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Tables ``after_sft``, ``after_rl`` (mean ± 95% interval per loss), ``positions`` (mask
-    rate and accuracy per kind of position, the base model as row ``base``) and
-    ``*_vs_ref`` (paired differences to ``reference`` by seed)."""
+    rate and accuracy per kind of position, the base model as row ``base``), ``routes`` (the
+    routes task's report, when the grid ran that stage) and ``*_vs_ref`` (paired differences
+    to ``reference`` by seed)."""
     out = {}
     for name, prefix in (("after_sft", "heldout_before/"), ("after_rl", "heldout/")):
         chosen = [(f"{stage}/{key}", label) for stage, key, label in metrics if key.startswith(prefix)]
@@ -155,6 +172,13 @@ def summary_tables(
         out[name] = wide(per_loss(renamed, labels), order)
         if reference in set(df["loss"]):
             out[f"{name}_vs_{reference}"] = wide(paired(renamed, labels, reference), order)
+    routes = [(f"routes/{key}", label) for key, label in ROUTES_METRICS if f"routes/{key}" in df.columns]
+    if routes:
+        renamed = df.rename(columns=dict(routes))
+        labels = [label for _, label in routes]
+        out["routes"] = wide(per_loss(renamed, labels), order)
+        if reference in set(df["loss"]):
+            out[f"routes_vs_{reference}"] = wide(paired(renamed, labels, reference), order)
     positions = position_frame(df)
     if positions is not None:
         labels = [label for _, label in POSITION_METRICS]
@@ -179,6 +203,8 @@ def write_summary(root: str | Path, reference: str = "ce", order: Sequence[str] 
         f"after_rl_vs_{reference}": f"After RL, paired difference to {reference} by seed",
         "positions": "Where the mask falls: SED's mask rate (tau calibrated on the base) and top-1 accuracy per position kind, held-out solutions",
         f"positions_vs_{reference}": f"Positions, paired difference to {reference} by seed",
+        "routes": "Routes task: held-out pass@1 per difficulty and the working route's share of hard samples, SFT and RL policy",
+        f"routes_vs_{reference}": f"Routes task, paired difference to {reference} by seed",
     }
     for name, table in tables.items():
         if not table.empty:
