@@ -200,10 +200,11 @@ def build_backend(
     ``sedsft.checkpoints.load_model`` reads). ``settings``: that backend's knobs from the
     config. vLLM reads Hugging Face directories only: another layout is exported to
     ``export_dir`` first."""
-    from sedsft.checkpoints import hf_directory, load_model, save_hf
+    from sedsft.checkpoints import hf_directory, save_hf
+    from sedsft.model_paths import load_model_from
 
     if name == "hf":
-        model, tokenizer = load_model(ckpt)
+        model, tokenizer = load_model_from(ckpt, "ckpt")
         device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         model.to(device)
         return HFBackend(model, tokenizer, **settings)
@@ -216,7 +217,7 @@ def build_backend(
                 raise ValueError(
                     f"ckpt={ckpt} is not a Hugging Face directory and no export_dir was given for vLLM"
                 )
-            model, tokenizer = load_model(ckpt)
+            model, tokenizer = load_model_from(ckpt, "ckpt")
             directory = save_hf(model, tokenizer, export_dir)
             del model
             log.info("exported %s to %s for vLLM", ckpt, directory)

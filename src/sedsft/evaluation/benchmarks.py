@@ -187,8 +187,28 @@ def load_rows(spec: BenchmarkSpec) -> list[dict]:
 
     rows: list[dict] = []
     for kwargs in spec.load if isinstance(spec.load, list) else [spec.load]:
-        rows += list(datasets.load_dataset(**dict(kwargs)))
+        try:
+            rows += list(datasets.load_dataset(**dict(kwargs)))
+        except OSError as err:  # no network, offline mode, a moved file (ConnectionError is one)
+            raise _unreachable(spec, dict(kwargs), err) from None
     return rows
+
+
+def _unreachable(spec: BenchmarkSpec, kwargs: dict, err: Exception) -> OSError:
+    """What to do when a benchmark's download fails (an offline machine): read a local copy.
+    One message instead of ``datasets``' traceback, which names the URL but not the knobs."""
+    what = kwargs.get("data_files") if kwargs.get("path") == "json" else kwargs.get("path")
+    local = (
+        f"put a copy of Qwen2.5-Math's evaluation/data somewhere and pass benchmark_data_dir=<dir> "
+        f"(read as <dir>/{spec.toolkit_name}/{TOOLKIT_FILE}), or "
+        if spec.toolkit_name
+        else ""
+    )
+    first = (str(err).splitlines() or [""])[0][:200]
+    return OSError(
+        f"benchmarks.{spec.name}: could not load {what} ({type(err).__name__}: {first}). Offline? "
+        f"{local}pass benchmarks.{spec.name}.path=<local jsonl / json / parquet file in its schema>"
+    )
 
 
 def _question(row: Mapping[str, Any], spec: BenchmarkSpec, index: int) -> str:

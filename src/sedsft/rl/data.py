@@ -27,6 +27,7 @@ from sedsft.data.sources import _digest
 log = logging.getLogger(__name__)
 
 GOLD_COLUMN = "gold"  # the reference answer passed to reward functions (TRL forwards dataset columns)
+GOLD_FIELDS = "'gold', 'reward_model.ground_truth' or 'answer'"  # where rl_gold looks, for error messages
 
 
 def rl_gold(row: Mapping[str, Any]) -> str | None:
@@ -159,7 +160,12 @@ def build_train_dataset(data_cfg: DictConfig) -> datasets.Dataset:
             source.name, len(missing), len(golds), missing[:10], " ..." if len(missing) > 10 else "",
         )  # fmt: skip
     if not keep:
-        raise DataError(source.name, None, None, "no prompt with a gold answer: nothing to reward")
+        first = source.load()[0] if golds else {}  # only read again to name what the rows hold
+        raise DataError(
+            source.name, None, None,
+            f"no prompt has a gold answer, so nothing can be rewarded: the reward reads {GOLD_FIELDS} "
+            f"(a non-blank value); row 0 has {sorted(first)}: add one of these fields",
+        )  # fmt: skip
     return datasets.Dataset.from_dict(
         {
             "prompt": [prompts[i] for i in keep],

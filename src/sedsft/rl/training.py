@@ -21,8 +21,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from trl import GRPOConfig, GRPOTrainer
 
-from sedsft.checkpoints import hf_directory, load_model, read_meta, save_hf
+from sedsft.checkpoints import hf_directory, read_meta, save_hf
+from sedsft.model_paths import load_model_from
 from sedsft.rl.callbacks import HeldoutEval, RLTensorBoard
+from sedsft.rl.checks import validate_rl_config, warn_long_prompts
 from sedsft.rl.data import build_train_dataset, heldout_prompts
 from sedsft.utils.threads import set_cpu_threads
 
@@ -114,6 +116,7 @@ def export_policy(trainer: GRPOTrainer, tokenizer: Any, directory: Path, meta: d
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """GRPO from ``cfg.policy``; returns the metrics written to ``metrics.json``."""
+    validate_rl_config(cfg)  # numeric knobs by name, before anything is loaded or written
     set_cpu_threads(cfg.get("cpu_threads", "auto"), on_cpu=not torch.cuda.is_available())
     output_dir = shared_output_dir(cfg.paths.output_dir)
     log.info("RL run directory: %s", output_dir)
@@ -128,10 +131,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         origin = OmegaConf.load(first_config).get("policy") if first_config.is_file() else policy
     args = grpo_config(cfg, output_dir)
 
-    model, tokenizer = load_model(policy, dtype=cfg.get("policy_dtype", "auto"))
+    knob = "resume" if OmegaConf.is_missing(cfg, "policy") else "policy"  # what a bad path is reported under
+    model, tokenizer = load_model_from(policy, knob, dtype=cfg.get("policy_dtype", "auto"))
     log.info("policy %s: %s, %.1fM parameters", policy, type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6)
     train_set = build_train_dataset(cfg.data)
     log.info("RL prompts: %d (%s)", len(train_set), cfg.data.train.get("_target_"))
+    warn_long_prompts(train_set["prompt"], tokenizer, cfg.get("max_prompt_length"), args.max_completion_length,
+                      getattr(model.config, "max_position_embeddings", None))  # fmt: skip
     reward_funcs = [hydra.utils.instantiate(spec) for spec in cfg.reward.funcs]
     if not reward_funcs:
         raise ValueError("reward.funcs is empty: GRPO needs at least one reward function")
