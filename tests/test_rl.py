@@ -209,7 +209,7 @@ TINY_GRPO = [
     "grpo.per_device_train_batch_size=8",  # 2 updates of 1 prompt per rollout batch
     "grpo.max_completion_length=16",
     "grpo.learning_rate=5e-3",  # large enough that the second update of a batch is off-policy
-    "grpo.save_steps=2",
+    "grpo.save_steps=1",  # checkpoint-1 lies inside the first rollout batch
     "heldout.num_prompts=2",
     "heldout.num_samples=2",
     "heldout.every_n_steps=2",
@@ -234,6 +234,8 @@ def toy_rl_run(sft_run, tmp_path_factory, cache_dir) -> tuple[Path, dict]:
 
     out = tmp_path_factory.mktemp("rl")
     cfg = compose_config(out, cache_dir, f"policy={sft_run}", "data.train.n=64", *TINY_GRPO, shrink=False, name="rl.yaml")
+    (out / ".hydra").mkdir()
+    OmegaConf.save(cfg, out / ".hydra" / "config.yaml")  # as src/rl.py's Hydra writes it: resume compares with it
     return out, train(cfg)
 
 
@@ -265,8 +267,8 @@ def test_grpo_on_toy_prompts_logs_checkpoints_and_exports(toy_rl_run, sft_run):
     # update 2 reuses update 1's rollouts after a large step: the ratio left [0.8, 1.28] somewhere
     region = dict(logged["rl/clip_ratio/region_mean"])
     assert region[1] == 0.0 and region[2] > 0.0
-    # checkpoints every 2 updates and at the end; the export loads and differs from the policy
-    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    # a checkpoint after every update; the export loads and differs from the policy
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     trained = AutoModelForCausalLM.from_pretrained(out / "hf")
     policy = AutoModelForCausalLM.from_pretrained(sft_run / "hf")
     assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), policy.parameters(), strict=True))
@@ -275,20 +277,71 @@ def test_grpo_on_toy_prompts_logs_checkpoints_and_exports(toy_rl_run, sft_run):
 
 
 @pytest.mark.slow
-def test_resume_from_a_mid_run_checkpoint_continues_the_same_steps(toy_rl_run, sft_run, tmp_path, cache_dir):
+@pytest.mark.parametrize("step", [1, 2])  # 1: between the two updates of a rollout batch; 2: before the next batch
+def test_resume_from_a_mid_run_checkpoint_continues_the_same_steps(toy_rl_run, sft_run, tmp_path, cache_dir, step):
     from sedsft.rl.training import train
 
-    out, _ = toy_rl_run
+    out, first = toy_rl_run
     cfg = compose_config(tmp_path, cache_dir, f"policy={sft_run}", "data.train.n=64", *TINY_GRPO,
-                         f"resume={out / 'checkpoints' / 'checkpoint-2'}", shrink=False, name="rl.yaml")  # fmt: skip
+                         f"resume={out / 'checkpoints' / f'checkpoint-{step}'}", shrink=False, name="rl.yaml")  # fmt: skip
     metrics = train(cfg)
-    assert metrics["global_step"] == 3 and metrics["steps_this_run"] == 1
-    assert "heldout_before/pass@1" not in metrics  # step 0 was in the first run
-    # same rollouts and updates as the uninterrupted run: identical weights after update 3
+    assert metrics["global_step"] == 3 and metrics["steps_this_run"] == 3 - step
+    # the same rollouts and updates as the uninterrupted run: identical weights after update 3
     resumed = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     uninterrupted = AutoModelForCausalLM.from_pretrained(out / "hf")
     for a, b in zip(resumed.parameters(), uninterrupted.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    # the resumed run reports the whole run: held-out before and after, every step's curves
+    for prefix in ("heldout_before/", "heldout/", "rl/"):
+        # (TRL's train_* summary and step_time describe this process's own steps)
+        kept = {k: v for k, v in first.items() if k.startswith(prefix) and not k.startswith(("rl/train_", "rl/step_time"))}
+        assert kept and {k: metrics[k] for k in kept} == pytest.approx(kept, rel=1e-5), prefix
+    logged, reference = scalars(tmp_path), scalars(out)
+    for tag in ("rl/reward", "rl/loss", "rl/grad_norm", "rl/heldout/pass@1"):
+        assert [s for s, _ in logged[tag]] == [s for s, _ in reference[tag]], tag
+    assert [s for s, _ in logged["rl/heldout/pass@1"]] == [0, 2, 3]
+
+
+def test_resume_with_other_knobs_is_refused_by_name(toy_rl_run, sft_run, tmp_path, cache_dir):
+    from sedsft.rl.training import train
+
+    out, _ = toy_rl_run
+    changed = [o if not o.startswith("grpo.learning_rate") else "grpo.learning_rate=1e-3" for o in TINY_GRPO]
+    cfg = compose_config(tmp_path, cache_dir, f"policy={sft_run}", "data.train.n=64", *changed, "grpo.num_generations=4",
+                         f"resume={out}", shrink=False, name="rl.yaml")  # fmt: skip
+    with pytest.raises(ValueError, match=r"grpo.learning_rate: 0.005 -> 0.001; grpo.num_generations: 8 -> 4.*resume_mismatch=warn"):
+        train(cfg)
+    assert not (tmp_path / "hf").exists()
+
+
+_CALLS = {"n": 0}
+
+
+def sigterm_reward(completions, **_):
+    """A reward that sends this process SIGTERM during the first rollout, as a scheduler would."""
+    import signal
+
+    _CALLS["n"] += 1
+    if _CALLS["n"] == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return [0.0] * len(completions)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_exits_143_and_prints_the_resume_command(sft_run, tmp_path, cache_dir, caplog):
+    from sedsft.rl.training import train
+
+    _CALLS["n"] = 0
+    funcs = "reward.funcs=[{_target_:test_rl.sigterm_reward,_partial_:true}]"
+    cfg = compose_config(tmp_path, cache_dir, f"policy={sft_run}", "data.train.n=64", *TINY_GRPO[1:], "grpo.save_steps=100",
+                         funcs, "heldout.enabled=false", shrink=False, name="rl.yaml")  # fmt: skip
+    with pytest.raises(SystemExit) as stopped:
+        train(cfg)
+    assert stopped.value.code == 143
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-1"  # the update in flight finished, then saved
+    assert (checkpoint / "trainer_state.json").is_file() and (checkpoint / "rollout_state_rank0.pt").is_file()
+    assert "resume with:" in caplog.text and f"resume={checkpoint}" in caplog.text
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "metrics.json").exists()  # not reported as finished
 
 
 def write_toy_verl_parquet(path: Path) -> None:

@@ -12,6 +12,7 @@ a classifier), the same definitions as the SFT run's ``gen/*``.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -54,6 +55,13 @@ class RLTensorBoard(TrainerCallback):
             self.writer.add_scalar(prefix + name, value, step)
         self.writer.flush()
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A resumed run writes a new run directory: its curves start with the first run's
+        # logs (restored from the checkpoint's trainer state), so they cover every step.
+        if state.is_world_process_zero and state.global_step > 0:
+            for entry in state.log_history:
+                self.scalars({k: v for k, v in entry.items() if k != "step"}, entry.get("step", 0))
+
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             self.scalars(logs, state.global_step)
@@ -75,8 +83,9 @@ class HeldoutEval(TrainerCallback):
     are gathered and every process scores them; the main process writes TensorBoard.
 
     Attributes:
-        history: ``(step, metrics)`` of every evaluation.
-        before: the metrics at step 0 (None when the run resumed past it).
+        history: ``(step, metrics)`` of every evaluation (a resumed run's include the first
+            run's, stored with each checkpoint).
+        before: the metrics at step 0.
         seconds: time spent evaluating, to separate it from the update time.
     """
 
@@ -110,6 +119,7 @@ class HeldoutEval(TrainerCallback):
         self.history: list[tuple[int, dict[str, float]]] = []
         self.before: dict[str, float] | None = None
         self.seconds = 0.0
+        self.stopping: Callable[[], bool] = lambda: False  # set by the run: True once pre-empted
 
     def evaluate(self, model, step: int) -> dict[str, float]:
         """Sample and score the held-out prompts with ``model`` (the trainer's, wrapped or not)."""
@@ -176,13 +186,36 @@ class HeldoutEval(TrainerCallback):
             shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(("pass@", "avg@", "distinct_4", "self_bleu"))}
             log.info("held-out evaluation at step %d: %s", step, shown)
 
+    # ------------------------------------------------------------------ resume
+    STATE_FILE = "heldout.json"
+
+    def on_save(self, args, state, control, **kwargs):
+        """Every checkpoint carries the evaluations so far (a resumed run reports them too)."""
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            folder.mkdir(parents=True, exist_ok=True)
+            state_file = {"before": self.before, "history": [[step, m] for step, m in self.history]}
+            (folder / self.STATE_FILE).write_text(json.dumps(state_file))
+
+    def load(self, checkpoint: str | Path) -> None:
+        """The evaluations stored with ``checkpoint`` (none in a checkpoint without the file)."""
+        path = Path(checkpoint) / self.STATE_FILE
+        if path.is_file():
+            stored = json.loads(path.read_text())
+            self.before = stored["before"]
+            self.history = [(int(step), metrics) for step, metrics in stored["history"]]
+
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if state.global_step == 0:
             self._run(model, state)
+        elif state.is_world_process_zero and self.tensorboard is not None:
+            for step, metrics in self.history:  # the first run's evaluations, in this run's curves
+                self.tensorboard.scalars(metrics, step, prefix="rl/heldout/")
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.every_n_steps and state.global_step % self.every_n_steps == 0:
             self._run(model, state)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        self._run(model, state)
+        if not self.stopping():  # a pre-empted run saves and exits; it evaluates when it ends
+            self._run(model, state)

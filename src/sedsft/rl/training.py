@@ -26,16 +26,19 @@ from sedsft.model_paths import load_model_from
 from sedsft.rl.callbacks import HeldoutEval, RLTensorBoard
 from sedsft.rl.checks import validate_rl_config, warn_long_prompts
 from sedsft.rl.data import build_train_dataset, heldout_prompts
+from sedsft.rl.resume import ExactResume, StopOnSIGTERM, check_resume_config
+from sedsft.utils.preemption import PREEMPTED_EXIT_CODE, resume_command
 from sedsft.utils.threads import set_cpu_threads
 
 log = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
-class SedsftGRPOTrainer(GRPOTrainer):
+class SedsftGRPOTrainer(ExactResume, GRPOTrainer):
     """``GRPOTrainer`` with verl's left truncation of prompts to ``max_prompt_length`` tokens
     (TRL 1.16 has no prompt limit): the chat-templated prompt ids keep their last tokens.
-    The fraction of prompts cut is logged as ``prompts/truncated_frac``."""
+    The fraction of prompts cut is logged as ``prompts/truncated_frac``. Checkpoints carry
+    the rollout batch in flight, so a resume continues it exactly (``ExactResume``)."""
 
     def __init__(self, *args: Any, max_prompt_length: int | None = None, **kwargs: Any):
         if max_prompt_length is not None and max_prompt_length < 1:
@@ -121,13 +124,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = shared_output_dir(cfg.paths.output_dir)
     log.info("RL run directory: %s", output_dir)
     resume = find_checkpoint(cfg.resume) if cfg.get("resume") else None
+    first_config = resume.parent.parent / ".hydra" / "config.yaml" if resume else None  # the resumed run's own
+    if resume is not None:
+        check_resume_config(cfg, first_config)  # a resumed run trains with the first run's knobs
     policy = cfg.policy if not OmegaConf.is_missing(cfg, "policy") else None
     origin = policy  # the SFT policy the export's sedsft.json names
     if policy is None:
         if resume is None:
             raise ValueError("policy=??? : pass the SFT policy (run dir, HF dir, .ckpt) or resume=<RL run dir>")
         policy = str(resume)  # a checkpoint-<step> directory is itself a Hugging Face directory
-        first_config = resume.parent.parent / ".hydra" / "config.yaml"  # the resumed run's own config
         origin = OmegaConf.load(first_config).get("policy") if first_config.is_file() else policy
     args = grpo_config(cfg, output_dir)
 
@@ -143,7 +148,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         raise ValueError("reward.funcs is empty: GRPO needs at least one reward function")
 
     tensorboard = RLTensorBoard(output_dir / "tensorboard")
-    callbacks: list = [tensorboard]
+    stop = StopOnSIGTERM()
+    callbacks: list = [tensorboard, stop]
     heldout = None
     if cfg.heldout.enabled:
         source = {"_target_": "sedsft.data.sources.LocalFileSource", "path": cfg.heldout.path} if cfg.heldout.path else cfg.data.get("val")
@@ -161,6 +167,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 max_batch_tokens=cfg.heldout.get("max_batch_tokens"), seed=cfg.seed,
                 classify=hydra.utils.get_method(classifier) if classifier else None,
             )  # fmt: skip
+            heldout.stopping = lambda: stop.signalled
+            if resume is not None:
+                heldout.load(resume)  # the first run's evaluations (step 0 included)
             callbacks.append(heldout)
             log.info("held-out evaluation: %d prompts of %s x %d samples", len(prompts), name, cfg.heldout.num_samples)
 
@@ -181,6 +190,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     finally:
         tensorboard.close()
     wall = time.perf_counter() - start
+    if stop.signalled:
+        raise preempted(output_dir / "checkpoints" / f"checkpoint-{stop.stopped_at}", stop.stopped_at)
 
     origin_hf = hf_directory(origin) if origin and Path(str(origin)).exists() else None
     meta = {
@@ -228,6 +239,13 @@ def run_metrics(
         if heldout.history:
             out.update({f"heldout/{k}": v for k, v in heldout.history[-1][1].items()})
     return out
+
+
+def preempted(checkpoint: Path, step: int | None) -> SystemExit:
+    """The exit of a run stopped by SIGTERM: status 143, after the command that resumes it."""
+    log.error("stopped by SIGTERM at step %s (pre-empted?); checkpoint %s; exit status %d; resume with:\n  %s",
+              step, checkpoint, PREEMPTED_EXIT_CODE, resume_command(checkpoint, knob="resume", script="src/rl.py"))  # fmt: skip
+    return SystemExit(PREEMPTED_EXIT_CODE)
 
 
 def find_step(checkpoint: Path) -> int:

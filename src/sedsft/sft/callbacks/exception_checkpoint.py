@@ -4,21 +4,16 @@ from; and the non-zero exit of a pre-empted run."""
 from __future__ import annotations
 
 import logging
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 
 from sedsft.sft.callbacks.checkpoint import Checkpoints
+from sedsft.utils.preemption import PREEMPTED_EXIT_CODE, resume_command
 
 log = logging.getLogger(__name__)
 
-# 128 + SIGTERM: what a shell reports for a process ended by SIGTERM. Lightning ends a fit
-# stopped by SIGTERM with SystemExit(None), i.e. status 0, so a scheduler would record a
-# pre-empted job as completed.
-PREEMPTED_EXIT_CODE = 143
 
 
 class ExceptionCheckpoint(L.Callback):
@@ -73,19 +68,6 @@ def _batches_done(trainer: L.Trainer) -> int:
     if progress.ready == progress.started == progress.processed:
         return progress.processed
     return progress.completed
-
-
-def resume_command(checkpoint: Path | str) -> str:
-    """The command line of this run with ``ckpt_path=<checkpoint>`` (any earlier one replaced)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        overrides = list(HydraConfig.get().overrides.task)
-    except ValueError:  # not started by a Hydra main
-        overrides = []
-    kept = [o for o in overrides if not o.lstrip("+~").startswith("ckpt_path=")]
-    script = sys.argv[0] if sys.argv and sys.argv[0].endswith(".py") else "src/train.py"
-    return shlex.join(["python", script, *kept, f"ckpt_path={checkpoint}"])
 
 
 def preempted(trainer: L.Trainer) -> SystemExit:
