@@ -1,0 +1,326 @@
+"""The routes task: slices, splits, routes, cache keys, exploration statistics, configs.
+
+Everything here is cheap: generation is pure Python, the one model is an untrained tiny Llama
+(no pretraining), and configs are only composed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from sedsft.data import toy_math, toy_routes
+from sedsft.data.sources import RoutesSource, ToyMathSource
+from sedsft.data.toy_routes import Ranges
+from sedsft.metrics import is_correct
+from sedsft.rl.exploration import ExplorationReward, exploration_stats
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
+RANGES = Ranges()  # cap 31, hard_max 43, max_change 12
+
+
+def numbers(row: dict) -> tuple[int, int, int]:
+    return toy_routes.question_numbers(row["question"])
+
+
+# -- slices ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split,n", [("sft", 600), ("rl", 600), ("heldout", 400), ("calibration", 200)])
+def test_slices_respect_their_ranges(split, n):
+    """Checked from the numbers alone, not with toy_routes.difficulty: an easy problem computes
+    only values in 0..cap; a hard one adds past cap (cap+1..hard_max) from a covered start and
+    comes back into the covered range."""
+    rows = toy_routes.generate(split, n, seed=3)
+    assert len(rows) == n
+    kinds = {r["difficulty"] for r in rows}
+    assert kinds == ({"easy", "hard"} if split in ("rl", "heldout") else {"easy"})
+    for row in rows:
+        start, first, second = numbers(row)
+        middle, answer = start + first, start + first + second
+        assert 1 <= abs(first) <= 12 and 1 <= abs(second) <= 12
+        assert 0 <= answer <= 31 and row["answer"] == str(answer)
+        if row["difficulty"] == "easy":
+            assert 0 <= middle <= 31 and 2 <= start <= 43
+        else:
+            assert first > 0 and second < 0 and start <= 31 and 32 <= middle <= 43
+
+
+def test_mixed_splits_alternate_easy_and_hard():
+    rows = toy_routes.generate("heldout", 10)
+    assert [r["difficulty"] for r in rows] == ["easy", "hard"] * 5
+
+
+def test_every_number_token_up_to_hard_max_is_a_pretraining_target():
+    """Hard running totals are never computed in pretraining, but each of their tokens is
+    written there (as a start, copied), so the hard slice tests an unseen sum, not an
+    untrained output row."""
+    rows = toy_routes.generate("pretrain", 4000, seed=0)
+    starts = {numbers(r)[0] for r in rows}
+    assert set(range(32, 44)) <= starts
+    sums = set()
+    for row in rows:
+        start, first, second = numbers(row)
+        sums |= {start + first, start + first + second}
+    assert max(sums) <= 31
+
+
+# -- splits ------------------------------------------------------------------------------------
+
+
+def test_splits_are_disjoint_by_numbers_and_by_text():
+    sft = toy_routes.generate("sft", 3000, seed=0)
+    rl = toy_routes.generate("rl", 1024, seed=0)
+    cal = toy_routes.generate("calibration", 200, seed=0)
+    held = toy_routes.generate("heldout", 400, seed=0)
+    pre = toy_routes.generate("pretrain", 3000, seed=10_000)
+    by_numbers = {name: {numbers(r) for r in rows} for name, rows in
+                  {"sft": sft + pre, "rl": rl, "cal": cal, "held": held}.items()}  # fmt: skip
+    by_text = {name: {r["question"] for r in rows} for name, rows in
+               {"sft": sft + pre, "rl": rl, "cal": cal, "held": held}.items()}  # fmt: skip
+    names = list(by_numbers)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not by_numbers[a] & by_numbers[b], (a, b)
+            assert not by_text[a] & by_text[b], (a, b)
+    # held-out and calibration problems have numbers of their own, one problem per triple
+    assert len(by_numbers["held"]) == 400 and len(by_numbers["cal"]) == 200
+
+
+def test_generation_is_a_pure_function_of_its_arguments():
+    a = toy_routes.generate("rl", 50, seed=7)
+    assert a == toy_routes.generate("rl", 50, seed=7)
+    assert a != toy_routes.generate("rl", 50, seed=8)
+
+
+def test_a_heldout_set_larger_than_its_triples_names_the_split():
+    hard = len(toy_routes.partition(RANGES)[("heldout", "hard")])
+    with pytest.raises(ValueError, match=r"routes heldout: n=.* asks for .* hard problems .* lower n"):
+        toy_routes.generate("heldout", 2 * hard + 2)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"cap": 31, "hard_max": 31}, "cap < hard_max"), ({"hard_max": 50}, "hard_max <= cap \\+ max_change"),
+     ({"cap": 55, "hard_max": 60}, "whole-number tokens")],
+)  # fmt: skip
+def test_bad_ranges_say_what_to_change(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Ranges(**kwargs)
+
+
+def test_sft_mix_follows_the_style_weights():
+    weights = {"step_by_step": 0.85, "one_equation": 0.05, "narrative": 0.05, "net_change": 0.05}
+    rows = toy_routes.generate("sft", 4000, seed=0, style_weights=weights)
+    share = sum(r["style"] == "step_by_step" for r in rows) / len(rows)
+    assert abs(share - 0.85) < 0.02
+
+
+# -- routes ------------------------------------------------------------------------------------
+
+HARD_Q = "Mia has 25 apples. Mia buys 10 and then loses 8. How many apples does Mia have now?"
+
+
+def test_question_numbers_and_difficulty_by_hand():
+    assert toy_routes.question_numbers(HARD_Q) == (25, 10, -8)
+    assert toy_routes.question_difficulty(HARD_Q) == "hard"  # 25 + 10 = 35 > 31
+    easy = "Tom has 40 coins. Tom gives away 12 and then finds 3. How many coins does Tom have now?"
+    assert toy_routes.question_numbers(easy) == (40, -12, 3)
+    assert toy_routes.question_difficulty(easy) == "easy"  # 28, then 31
+    assert toy_routes.question_difficulty("What is 2 + 2?") == "other"
+    with pytest.raises(ValueError, match="not a toy question"):
+        toy_routes.question_numbers("What is 2 + 2?")
+
+
+@pytest.mark.parametrize(
+    "text,route",
+    [
+        ("First, 25 + 10 = 35. Then, 35 - 8 = 27. The answer is \\boxed{27}.", "step_by_step"),
+        ("The net change is +10 and -8, which is +2. 25 + 2 = 27. Final answer: \\boxed{27}", "net_change"),
+        ("25 + 10 - 8 = 27, so \\boxed{27}.", "one_equation"),
+        ("Mia starts with 25 apples. After that there are 35. In the end Mia has 27 apples. \\boxed{27}", "narrative"),
+        ("\\boxed{27}", "other"),
+    ],
+)
+def test_route_of_hand_written_completions(text, route):
+    assert toy_routes.classify_route(text) == route
+    assert is_correct(text, "27") == (route != "other" or "27" in text)
+
+
+def test_forcing_prefixes_open_each_route_by_hand():
+    expected = {"step_by_step": "First,", "net_change": "The net change is", "narrative": "Mia starts with", "one_equation": "25"}
+    problem = toy_math.Problem("Mia", "apples", 25, 10, -8, "buys", "loses")
+    assert problem.question == HARD_Q
+    for route, prefix in expected.items():
+        assert toy_routes.route_prefix(HARD_Q, route) == prefix
+        # the prefix opens that route's own solution, and the solution is classified as it
+        solution = toy_math.STYLES[route](problem)
+        assert solution.startswith(prefix)
+        assert toy_routes.classify_route(solution) == route
+    with pytest.raises(ValueError, match="unknown route"):
+        toy_routes.route_prefix(HARD_Q, "guess")
+
+
+def test_every_generated_solution_is_correct_and_classified_as_its_route():
+    for row in toy_routes.generate("heldout", 200, seed=1, style_weights=None):
+        assert is_correct(row["response"], row["answer"])
+        assert toy_routes.classify_route(row["response"]) == row["style"]
+
+
+# -- cache keys --------------------------------------------------------------------------------
+
+
+def test_cache_keys_follow_the_generators_source(monkeypatch):
+    from sedsft.models.tiny import TinyLMSpec
+
+    toy, routes = TinyLMSpec(), TinyLMSpec(task="routes")
+    keys = (toy.construction(), routes.construction(), ToyMathSource().fingerprint(), RoutesSource().fingerprint())
+    assert keys[0]["code"] != keys[1]["code"]
+    # an explicit default range and an omitted one are one base
+    assert TinyLMSpec(task="routes", routes={"cap": 31}).construction() == keys[1]
+    real = inspect.getsource
+
+    def edited(obj):
+        text = real(obj)
+        return text + "\n# edited\n" if obj is toy_routes else text
+
+    monkeypatch.setattr(inspect, "getsource", edited)
+    assert toy.construction() == keys[0]  # the toy base does not depend on the routes generator
+    assert routes.construction()["code"] != keys[1]["code"]
+    assert ToyMathSource().fingerprint() == keys[2]
+    assert RoutesSource().fingerprint() != keys[3]
+
+
+def test_unknown_task_names_the_knob():
+    from sedsft.models.tiny import TinyLMSpec
+
+    with pytest.raises(ValueError, match="model.task='route'"):
+        TinyLMSpec(task="route").construction()
+
+
+# -- exploration -------------------------------------------------------------------------------
+
+
+def test_exploration_stats_by_hand():
+    hard_q, easy_q = HARD_Q, "Tom has 20 coins. Tom finds 3 and then loses 2. How many coins does Tom have now?"
+    questions = [hard_q] * 4 + [hard_q] * 4 + [easy_q] * 4
+    rewards = [0, 0, 0, 0] + [0, 1, 0, 0] + [1, 1, 1, 1]
+    texts = ["First, x"] * 3 + ["The net change is"] + ["First, x"] * 4 + ["25 + 1"] * 4
+    got = exploration_stats(questions, rewards, texts, 4, difficulty=toy_routes.question_difficulty,
+                            classify=toy_routes.classify_route)  # fmt: skip
+    assert got["hard/reward"] == pytest.approx(1 / 8)
+    assert got["hard/any_correct"] == pytest.approx(1 / 2)
+    assert got["hard/all_equal"] == pytest.approx(1 / 2)
+    assert got["hard/route/step_by_step"] == pytest.approx(7 / 8)
+    assert got["hard/route/net_change"] == pytest.approx(1 / 8)
+    assert got["easy/any_correct"] == 1.0 and got["easy/all_equal"] == 1.0
+    assert got["all/reward"] == pytest.approx(5 / 12)
+    assert got["all/all_equal"] == pytest.approx(2 / 3)
+    assert got["all/groups"] == 3.0 and got["skipped_groups"] == 0.0
+    # a group whose completions belong to two prompts is left out, not mixed
+    mixed = exploration_stats([hard_q, easy_q, easy_q, easy_q], [1, 0, 0, 0], ["a"] * 4, 4)
+    assert mixed == {"skipped_groups": 1.0}
+
+
+def test_exploration_reward_scores_as_the_answer_reward_and_logs():
+    logged: dict[str, float] = {}
+    reward = ExplorationReward(num_generations=2, difficulty=toy_routes.question_difficulty)
+    prompts = [[{"role": "user", "content": HARD_Q}]] * 2
+    completions = [[{"role": "assistant", "content": "\\boxed{27}"}], [{"role": "assistant", "content": "\\boxed{35}"}]]
+    out = reward(completions, ["27", "27"], prompts=prompts, log_metric=logged.__setitem__)
+    assert out == [1.0, 0.0]
+    assert logged["explore/hard/any_correct"] == 1.0 and logged["explore/hard/all_equal"] == 0.0
+    assert reward.__name__ == "math_answer_reward"
+
+
+# -- the report on a real (untrained) model ------------------------------------------------------
+
+
+def test_route_report_runs_and_forced_samples_open_with_the_route(tmp_path):
+    import torch
+
+    from sedsft.models.tiny import TinyLMSpec
+    from sedsft.pipeline.routes import route_report, sample_with_prefix
+
+    torch.set_num_threads(1)
+    spec = TinyLMSpec(cache_dir=str(tmp_path), task="routes", corpus_size=200, pretrain_steps=0)
+    model, tokenizer = spec.load_model(), spec.load_tokenizer()
+    rows = toy_routes.generate("heldout", 2, seed=0)
+    texts = sample_with_prefix(model, tokenizer, [r["question"] for r in rows], ["The net change is", "First,"], 2, max_new_tokens=4)
+    assert [t[:2] for t in texts] and all(s.startswith("The net change is") for s in texts[0])
+    assert all(s.startswith("First,") for s in texts[1])
+    report = route_report(model, tokenizer, rows, num_samples=2, forced_samples=1, max_new_tokens=4)
+    for kind in ("easy", "hard"):
+        assert report[f"{kind}/forced/net_change/on_route"] == 1.0  # the prefix alone decides the route
+        assert 0.0 <= report[f"{kind}/pass@2"] <= 1.0
+        assert sum(report[f"{kind}/route_frac/{r}"] for r in (*toy_routes.ROUTES, "other")) == pytest.approx(1.0)
+    assert set(report) >= {"overall/pass@1", "overall/pass@2"}
+
+
+def test_summary_has_a_routes_table_with_hand_computed_means(tmp_path):
+    from sedsft.pipeline.summary import write_summary
+
+    values = {("ce", 1): 0.1, ("ce", 2): 0.3, ("sed", 1): 0.2, ("sed", 2): 0.6}
+    for (loss, seed), hard in values.items():
+        job = tmp_path / f"loss={loss},seed={seed}"
+        job.mkdir()
+        record = {"loss": loss, "loss_name": loss, "seed": seed, "metrics": {"routes": {"rl/hard/pass@1": hard}}}
+        (job / "pipeline.json").write_text(json.dumps(record))
+    text = write_summary(tmp_path)
+    assert "Routes task" in text
+    assert "0.200 ±" in text and "0.400 ±" in text  # ce mean (0.1 + 0.3) / 2, sed (0.2 + 0.6) / 2
+    assert "0.200 ± " in text.split("paired difference")[-1]  # sed - ce: (0.1 + 0.3) / 2
+
+
+# -- configs -----------------------------------------------------------------------------------
+
+
+def _compose(name, overrides):
+    os.environ.setdefault("PROJECT_ROOT", os.path.abspath(os.path.join(CONFIGS, "..")))
+    with initialize_config_dir(os.path.abspath(CONFIGS), version_base="1.3"):
+        return compose(name, overrides=overrides, return_hydra_config=name == "pipeline")
+
+
+@pytest.mark.parametrize("grid,losses,seeds", [("routes_claim", "ce,sed,sed_nomask", "range(1,11)"),
+                                                ("routes_arms", "gem,dft,entropy,sed_route", "range(1,6)"),
+                                                ("routes_control", "ce,sed,sed_nomask", "range(1,11)")])  # fmt: skip
+def test_grids_compose_with_their_arms_and_seeds(grid, losses, seeds):
+    cfg = _compose("pipeline", [f"grid={grid}"])
+    assert cfg.hydra.sweeper.params.loss == losses and cfg.hydra.sweeper.params.seed == seeds
+    # job directories named by the job's own overrides (loss=ce,seed=3), not by number
+    assert OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["subdir"] == "${hydra.job.override_dirname}"
+    assert "grid" in cfg.hydra.job.config.override_dirname.exclude_keys
+    for stage, name in (("sft", "train"), ("rl", "rl")):
+        _compose(name, [*cfg[stage].overrides, "policy=x"] if stage == "rl" else list(cfg[stage].overrides))
+
+
+def test_the_rl_budget_has_the_papers_ratios():
+    from pathlib import Path
+
+    import torch
+
+    from sedsft.rl.training import grpo_config
+    from sedsft.utils.schedules import cosine_with_warmup
+
+    sft = _compose("train", ["experiment=routes"])
+    rl = _compose("rl", ["experiment=rl_routes", "policy=x"])
+    args = grpo_config(rl, Path("/tmp/unused"))
+    assert args.steps_per_generation == 8 and args.num_generations == 8
+    # summed SFT lr over its steps (2 epochs of 2000 rows at batch 16, warm-up + cosine)
+    steps = sft.trainer.max_epochs * sft.data.train.n // sft.data.batch_size
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=sft.optimizer.lr)
+    schedule = cosine_with_warmup(opt, num_training_steps=steps, warmup_ratio=sft.scheduler.warmup_ratio)
+    total = 0.0
+    for _ in range(steps):
+        total += opt.param_groups[0]["lr"]
+        opt.step()
+        schedule.step()
+    ratio = args.max_steps * args.learning_rate / total
+    assert 0.15 <= ratio <= 0.25, ratio
+    assert rl.data.train.ranges == sft.data.train.ranges  # one task for both stages
