@@ -15,7 +15,9 @@ import os
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from sedsft.utils.cli import preflight
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 
@@ -28,4 +30,9 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    preflight("eval.yaml", {"ckpt": (
+        lambda cfg: OmegaConf.is_missing(cfg, "ckpt"),
+        "the model to evaluate (an SFT or RL run directory, a Hugging Face directory, a Lightning .ckpt)",
+        "python src/eval.py ckpt=logs/train/runs/<timestamp> benchmark=aime24",
+    )})  # fmt: skip
     main()

@@ -11,7 +11,9 @@ import os
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
+
+from sedsft.utils.cli import preflight
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 
@@ -29,4 +31,10 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    preflight("rl.yaml", {"policy": (
+        lambda cfg: OmegaConf.is_missing(cfg, "policy") and not cfg.get("resume"),
+        "the SFT policy to start from (an SFT run directory, a Hugging Face directory, a Lightning .ckpt), "
+        "or resume=<RL run directory> to continue a run",
+        "python src/rl.py policy=logs/train/runs/<timestamp>",
+    )})  # fmt: skip
     main()
