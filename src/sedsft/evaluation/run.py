@@ -411,6 +411,14 @@ def _check_resume(output_dir: Path, cfg: DictConfig, eval_sets: Sequence[EvalSet
         "sets": {s.name or "data": asdict(s.settings) for s in eval_sets},
     }
     if previous is not None:
+        was_data, is_data = "data" in previous["sets"], "data" in current["sets"]
+        if was_data != is_data:  # the two kinds write different metrics.json files into the same place
+            asked = "the data= set" if is_data else f"benchmarks {sorted(current['sets'])}"
+            had = "the data= set" if was_data else f"benchmarks {sorted(previous['sets'])}"
+            raise ValueError(
+                f"resume={output_dir}: it evaluated {had}, this run asks for {asked}; resume only an "
+                "evaluation of the same kind, or start a fresh run (no resume=)"
+            )
         for key in ("ckpt", "backend"):
             if previous[key] != current[key]:
                 raise ValueError(
@@ -433,13 +441,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed)
     if cfg.backend not in ("hf", "vllm"):
         raise ValueError(f"backend={cfg.backend!r}: unknown; use backend=hf or backend=vllm")
-    specs = benchmark_specs(cfg)
-    eval_sets = [benchmark_eval_set(cfg, spec) for spec in specs] if specs else [data_eval_set(cfg)]
     output_dir = Path(cfg.get("resume") or cfg.paths.output_dir)
     if cfg.get("resume"):
         if not output_dir.is_dir():
             raise FileNotFoundError(f"resume={output_dir}: no such eval run directory")
+        if not (output_dir / RUN_FILE).is_file():  # another stage's run: its metrics.json must stay
+            raise ValueError(
+                f"resume={output_dir}: not an evaluation run (no {RUN_FILE}); resume= continues an interrupted "
+                f"src/eval.py run in place. To evaluate the model of that run, pass ckpt={output_dir} (without resume=)"
+            )
         log.info("resuming the evaluation in %s", output_dir)
+    specs = benchmark_specs(cfg)
+    eval_sets = [benchmark_eval_set(cfg, spec) for spec in specs] if specs else [data_eval_set(cfg)]
     _check_resume(output_dir, cfg, eval_sets)
     backend_settings = {
         "hf": {"batch_size": cfg.batch_size, "max_batch_tokens": cfg.max_batch_tokens}

@@ -9,7 +9,9 @@ template words) for the base and the SFT model (``sedsft.evaluation.positions``)
 stage evaluates the held-out prompts before its first update (the SFT policy) and after its
 last, with the same sampling, so both columns of the result come from one protocol. ``<job dir>/pipeline.json`` records the
 job's loss, seed and both stages' metrics; a finished stage is not run again when the
-job is relaunched (its ``metrics.json`` exists), so a killed grid resumes per stage.
+job is relaunched (its ``metrics.json`` exists), so a killed grid resumes per stage, and an RL
+stage killed midway continues from its newest checkpoint. A relaunch must ask for the same
+job (``<job dir>/job.json``: loss, knobs, seed; ``sedsft.pipeline.job``), else it is refused.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+
+from sedsft.pipeline.job import claim_job_dir, job_identity
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +63,20 @@ def stage_overrides(cfg: DictConfig, stage: str, job_dir: Path) -> list[str]:
     common = [f"seed={cfg.seed}", f"paths.output_dir={job_dir / stage}"]
     if stage == "sft":
         return [*loss_overrides(), *common, *cfg.sft.overrides]
-    return [f"policy={job_dir / 'sft'}", *common, *cfg.rl.overrides]
+    return [f"policy={job_dir / 'sft'}", *common, *rl_resume(job_dir / stage), *cfg.rl.overrides]
+
+
+def rl_resume(rl_dir: Path) -> list[str]:
+    """``resume=<job dir>/rl`` when an earlier launch of the job left RL checkpoints there (it was
+    killed during RL): the relaunch continues from the newest one instead of from step 0."""
+    from sedsft.rl.training import find_checkpoint
+
+    try:
+        checkpoint = find_checkpoint(rl_dir)
+    except FileNotFoundError:
+        return []
+    log.info("rl: continuing from %s (an earlier launch of this job stopped there)", checkpoint)
+    return [f"resume={rl_dir}"]
 
 
 def run_stage(cfg: DictConfig, stage: str, job_dir: Path) -> dict[str, float]:
@@ -123,13 +140,27 @@ def run_positions(cfg: DictConfig, job_dir: Path) -> dict[str, float]:
     return metrics
 
 
+def check_rl_stage(cfg: DictConfig, job_dir: Path) -> None:
+    """The RL stage's knobs (``sedsft.rl.checks``), checked when the job starts."""
+    from sedsft.rl.checks import validate_rl_config
+
+    try:
+        validate_rl_config(stage_config("rl", stage_overrides(cfg, "rl", job_dir)))
+    except ValueError as err:
+        raise ValueError(f"rl stage: {err}") from None
+
+
 def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     """SFT then RL for ``cfg.loss`` and ``cfg.seed``; returns and writes ``pipeline.json``."""
     job_dir = Path(cfg.paths.output_dir)
-    results: dict[str, dict[str, float]] = {}
     for stage in cfg.stages:
         if stage not in STAGES:
             raise ValueError(f"stages={list(cfg.stages)}: unknown stage {stage!r}; allowed: {list(STAGES)}")
+    claim_job_dir(job_dir, job_identity(cfg, loss_label()))  # refuses another loss, knob or seed
+    if "rl" in cfg.stages and not (job_dir / "rl" / "metrics.json").is_file():
+        check_rl_stage(cfg, job_dir)  # a bad grpo.* knob stops the job before SFT, not after it
+    results: dict[str, dict[str, float]] = {}
+    for stage in cfg.stages:
         results[stage] = run_stage(cfg, stage, job_dir)
     record = {
         "loss": loss_label(),
