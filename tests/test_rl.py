@@ -57,6 +57,28 @@ def test_math_answer_reward_hand_cases():
         math_answer_reward([chat("a"), chat("b")], ["1"])
 
 
+def test_rl_console_one_line_per_update_and_a_final_table(caplog):
+    from types import SimpleNamespace
+
+    from sedsft.rl.console import UpdateLines, final_report
+
+    state = SimpleNamespace(is_world_process_zero=True, global_step=3, max_steps=100)
+    with caplog.at_level("INFO", logger="sedsft.rl.console"):
+        UpdateLines().on_log(None, state, None, logs={"loss": 0.241, "reward": 0.3656, "epoch": 0.04, "step_time": 0.3})
+    assert caplog.messages == ["update 3/100: reward 0.3656, loss 0.241"]  # no quoted numbers, no dict
+    metrics = {"heldout_before/pass@1": 0.25, "heldout/pass@1": 0.5, "heldout/self_bleu": 3.0, "rl/reward": 0.5,
+               "global_step": 100.0, "seconds_per_step": 0.5}  # fmt: skip
+    lines = final_report(metrics, "RUN").splitlines()
+    assert lines[:4] == [
+        "held-out:",
+        "              before RL    after RL",
+        "  pass@1         0.2500      0.5000",
+        "  self_bleu           -      3.0000",
+    ]
+    assert "  reward              0.5000" in lines and lines[-2] == "all metrics: RUN/metrics.json; policy: RUN/hf"
+    assert lines[-1].startswith("key: ") and "lower = more diverse" in lines[-1]
+
+
 def test_verl_compute_score_uses_the_same_checker():
     assert verl_compute_score("math_dapo", "so \\boxed{42409}", "42409") == 1.0
     assert verl_compute_score("math_dapo", "so \\boxed{42408}", "42409") == 0.0

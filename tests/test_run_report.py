@@ -18,6 +18,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from conftest import ROOT, compose_config
 from sedsft.sft import logging as runlog
 from sedsft.sft.training import train
+from sedsft.utils import console
 from sedsft.utils.threads import AUTO_MAX, resolve_cpu_threads, set_cpu_threads
 
 SMALL_GENERATION = [
@@ -146,8 +147,15 @@ def test_logging_keys_and_histogram_buckets():
     assert (
         runlog.histogram_bins(torch.ones(3).numpy()) == "tensorflow"
     )  # one value: default buckets
-    table = runlog.format_table({"gen/pass@1": 0.25, "val/loss": 1.5}, "final metrics")
+    table = console.format_table({"gen/pass@1": 0.25, "val/loss": 1.5}, "final metrics")
     assert table.splitlines() == ["final metrics:", "  gen/pass@1  0.2500", "  val/loss    1.5000"]
+    side = console.format_columns({"before RL": {"pass@1": 0.25, "distinct_4": float("nan")}, "after RL": {"pass@1": 0.5}}, "held-out")
+    assert side.splitlines() == [
+        "held-out:",
+        "               before RL    after RL",
+        "  pass@1          0.2500      0.5000",
+        "  distinct_4           -           -",
+    ]
 
 
 def test_one_logging_path_in_the_sft_stage():

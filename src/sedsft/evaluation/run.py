@@ -37,6 +37,7 @@ from sedsft.evaluation.benchmarks import BenchmarkSpec, Problem, build_problems,
 from sedsft.evaluation.evaluate import pass_at_k_curve, score_samples
 from sedsft.evaluation.sampling import PromptSamples, Samples
 from sedsft.metrics import UndefinedMetricWarning, answers_correct
+from sedsft.utils import console
 
 log = logging.getLogger(__name__)
 
@@ -391,11 +392,6 @@ def _json(obj: Any) -> str:
     return json.dumps(clean(obj), indent=2, allow_nan=False)
 
 
-def format_table(metrics: dict[str, float]) -> str:
-    width = max(map(len, metrics))
-    return "\n".join(f"{name:<{width}}  {value:10.4f}" for name, value in sorted(metrics.items()))
-
-
 # ---------------------------------------------------------------------------------------------
 # the run
 
@@ -438,10 +434,12 @@ def _check_resume(output_dir: Path, cfg: DictConfig, eval_sets: Sequence[EvalSet
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    console.configure_console()  # one line per event (Lightning's seed line once, not twice)
     L.seed_everything(cfg.seed)
     if cfg.backend not in ("hf", "vllm"):
         raise ValueError(f"backend={cfg.backend!r}: unknown; use backend=hf or backend=vllm")
     output_dir = Path(cfg.get("resume") or cfg.paths.output_dir)
+    console.announce_run_directory(output_dir)
     if cfg.get("resume"):
         if not output_dir.is_dir():
             raise FileNotFoundError(f"resume={output_dir}: no such eval run directory")
@@ -484,8 +482,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         metrics = results[None]
         (output_dir / "metrics.json").write_text(_json(dict(sorted(metrics.items()))))
         count, k = int(metrics["num_prompts"]), eval_sets[0].settings.num_samples
-        print(f"\n{cfg.ckpt}: {count} prompts x {k} samples\n{format_table(metrics)}\n")
-        log.info("wrote %s and %s", output_dir / "metrics.json", output_dir / "samples.jsonl")
+        title = f"{cfg.ckpt}: {count} prompts x {k} samples"
+        print(f"\n{console.format_table(dict(sorted(metrics.items())), title)}", flush=True)
+        print(f"all metrics: {output_dir / 'metrics.json'}; samples: {output_dir / 'samples.jsonl'}\n{console.METRIC_KEY}")
         return metrics
 
     label = cfg.get("label") or str(cfg.ckpt)
@@ -499,10 +498,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     (output_dir / "metrics.json").write_text(_json(summary))
     (output_dir / "table.md").write_text(text + "\n")
-    print(f"\n{text}\n")
-    log.info(
-        "wrote %s, %s and <benchmark>/samples.jsonl",
-        output_dir / "metrics.json",
-        output_dir / "table.md",
-    )
+    print(f"\n{text}\n", flush=True)
+    print(f"all metrics: {output_dir / 'metrics.json'}; table: {output_dir / 'table.md'}\n{console.METRIC_KEY}")
     return summary

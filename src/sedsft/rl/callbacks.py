@@ -183,8 +183,8 @@ class HeldoutEval(TrainerCallback):
         if state.is_world_process_zero:
             if self.tensorboard is not None:
                 self.tensorboard.scalars(metrics, step, prefix="rl/heldout/")
-            shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith(("pass@", "avg@", "distinct_4", "self_bleu"))}
-            log.info("held-out evaluation at step %d: %s", step, shown)
+            shown = [f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith(("pass@", "avg@", "distinct_4", "self_bleu"))]
+            log.info("held-out evaluation at update %d: %s", step, ", ".join(shown))
 
     # ------------------------------------------------------------------ resume
     STATE_FILE = "heldout.json"

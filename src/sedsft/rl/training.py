@@ -25,8 +25,10 @@ from sedsft.checkpoints import hf_directory, read_meta, save_hf
 from sedsft.model_paths import load_model_from
 from sedsft.rl.callbacks import HeldoutEval, RLTensorBoard
 from sedsft.rl.checks import validate_rl_config, warn_long_prompts
+from sedsft.rl.console import final_report, use_console
 from sedsft.rl.data import build_train_dataset, heldout_prompts
 from sedsft.rl.resume import ExactResume, StopOnSIGTERM, check_resume_config
+from sedsft.utils import console
 from sedsft.utils.preemption import PREEMPTED_EXIT_CODE, resume_command
 from sedsft.utils.threads import set_cpu_threads
 
@@ -120,9 +122,10 @@ def export_policy(trainer: GRPOTrainer, tokenizer: Any, directory: Path, meta: d
 def train(cfg: DictConfig) -> dict[str, float]:
     """GRPO from ``cfg.policy``; returns the metrics written to ``metrics.json``."""
     validate_rl_config(cfg)  # numeric knobs by name, before anything is loaded or written
+    console.configure_console()
     set_cpu_threads(cfg.get("cpu_threads", "auto"), on_cpu=not torch.cuda.is_available())
     output_dir = shared_output_dir(cfg.paths.output_dir)
-    log.info("RL run directory: %s", output_dir)
+    console.announce_run_directory(output_dir)
     resume = find_checkpoint(cfg.resume) if cfg.get("resume") else None
     first_config = resume.parent.parent / ".hydra" / "config.yaml" if resume else None  # the resumed run's own
     if resume is not None:
@@ -184,6 +187,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     if heldout is not None:
         heldout.trainer = trainer
+    use_console(trainer)
     start = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -205,7 +209,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     metrics = run_metrics(trainer, heldout, result.metrics, wall, resume)
     if trainer.accelerator.is_main_process:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        log.info("wrote %s and %s", output_dir / "hf", output_dir / "metrics.json")
+        print(final_report(metrics, output_dir), flush=True)
     return metrics
 
 

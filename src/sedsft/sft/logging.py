@@ -13,14 +13,12 @@ under ``<split>/loss_terms/<name>``; ``key`` is the only place that spells them.
 - ``log_hparams`` fills TensorBoard's HParams tab at the end of a run: the knobs that tell
   runs apart and the final metrics.
 
-``configure_console`` makes the terminal show one line per event (see its docstring).
+The console (one line per event, a final table) is ``sedsft.utils.console``, shared by every stage.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -197,65 +195,3 @@ def log_hparams(
             for summary in hparams(dict(params), {name: 0.0 for name in metric_names}):
                 file_writer.add_summary(summary)
         logger.finalize("success")  # fit closed the writers already; close what this reopened
-
-
-# ------------------------------------------------------------------ console
-LIBRARY_LOGGERS = (
-    "lightning",
-    "lightning.pytorch",
-    "lightning.fabric",
-    "pytorch_lightning",
-    "lightning_fabric",
-)
-RANK_ZERO_LOGGERS = (
-    "lightning.pytorch.utilities.rank_zero",
-    "lightning.fabric.utilities.rank_zero",
-    "lightning_utilities.core.rank_zero",
-)
-
-
-class _DropTips(logging.Filter):
-    """Drops Lightning's "💡 Tip: ... try installing <product>" adverts."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Tip:" not in str(record.msg)
-
-
-def configure_console() -> None:
-    """One line per event on the terminal; idempotent, called at the start of a run.
-
-    - Lightning attaches its own stderr handler (``INFO: ...``) to the ``lightning``
-      logger; under Hydra the root logger prints the same record again. When the root
-      logger has handlers, Lightning's are removed and its records propagate to them.
-    - Lightning's "Tip" adverts for other products are filtered out.
-    - Lightning 2.6 builds ``torch.utils._pytree.LeafSpec()``, which torch 2.13 deprecates,
-      on every data loader (``lightning/pytorch/utilities/_pytree.py``): nothing in this
-      project can change that call, so that one FutureWarning is ignored (remove the
-      filter once Lightning uses ``treespec_leaf``).
-    """
-    root = logging.getLogger()
-    if root.handlers:
-        for name in LIBRARY_LOGGERS:
-            logger = logging.getLogger(name)
-            for handler in list(logger.handlers):
-                if type(handler) is logging.StreamHandler and handler not in root.handlers:
-                    logger.removeHandler(handler)
-            logger.propagate = True
-    for name in RANK_ZERO_LOGGERS:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropTips) for f in logger.filters):
-            logger.addFilter(_DropTips())
-    warnings.filterwarnings(
-        "ignore",
-        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
-        category=FutureWarning,
-    )
-
-
-def format_table(metrics: Mapping[str, float], title: str) -> str:
-    """``title`` then one ``name  value`` row per metric, names aligned."""
-    if not metrics:
-        return f"{title}: none"
-    width = max(map(len, metrics))
-    rows = [f"  {name:<{width}}  {value:.4f}" for name, value in metrics.items()]
-    return "\n".join([f"{title}:", *rows])

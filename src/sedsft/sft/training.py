@@ -19,6 +19,7 @@ from sedsft.sft import logging as runlog
 from sedsft.sft.callbacks.exception_checkpoint import preempted
 from sedsft.sft.checks import validate_config
 from sedsft.sft.module import SFTModule
+from sedsft.utils import console
 from sedsft.utils.threads import set_cpu_threads
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
 def _announce_run_directory(cfg: DictConfig, output_dir: Path) -> None:
     """The run directory on its own line, first thing; the resolved config inside it
     (``.hydra/config.yaml`` keeps ``${...}`` interpolations, this is what the run used)."""
-    print(f"run directory: {output_dir.resolve()}", flush=True)
+    console.announce_run_directory(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, output_dir / "config_resolved.yaml", resolve=True)
 
@@ -86,7 +87,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     the resolved config to ``<paths.output_dir>/config_resolved.yaml``; the console shows the
     run directory first and a table of the final metrics last.
     """
-    runlog.configure_console()
+    console.configure_console()
     output_dir = Path(cfg.paths.output_dir)
     _announce_run_directory(cfg, output_dir)
     validate_config(cfg)  # numeric knobs and data files, before anything is built; logs the global batch
@@ -121,5 +122,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         summary = runlog.summary_metrics(metrics)
-        print(runlog.format_table(summary, f"final metrics (all in {output_dir / 'metrics.json'})"), flush=True)
+        print(console.format_table(summary, f"final metrics (all in {output_dir / 'metrics.json'})"), flush=True)
+        print(console.METRIC_KEY, flush=True)
     return metrics
