@@ -21,7 +21,8 @@ from sedsft.metrics import is_correct
 from sedsft.rl.exploration import ExplorationReward, exploration_stats
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs")
-RANGES = Ranges()  # cap 31, hard_max 43, max_change 12
+RANGES = Ranges()  # cap 31, hard_max 41, max_change 10
+CAP, HARD_MAX, CHANGE = RANGES.cap, RANGES.hard_max, RANGES.max_change
 
 
 def numbers(row: dict) -> tuple[int, int, int]:
@@ -43,12 +44,12 @@ def test_slices_respect_their_ranges(split, n):
     for row in rows:
         start, first, second = numbers(row)
         middle, answer = start + first, start + first + second
-        assert 1 <= abs(first) <= 12 and 1 <= abs(second) <= 12
-        assert 0 <= answer <= 31 and row["answer"] == str(answer)
+        assert 1 <= abs(first) <= CHANGE and 1 <= abs(second) <= CHANGE
+        assert 0 <= answer <= CAP and row["answer"] == str(answer)
         if row["difficulty"] == "easy":
-            assert 0 <= middle <= 31 and 2 <= start <= 43
+            assert 0 <= middle <= CAP and 2 <= start <= CAP + CHANGE
         else:
-            assert first > 0 and second < 0 and start <= 31 and 32 <= middle <= 43
+            assert first > 0 and second < 0 and start <= CAP and CAP < middle <= HARD_MAX
 
 
 def test_mixed_splits_alternate_easy_and_hard():
@@ -62,12 +63,12 @@ def test_every_number_token_up_to_hard_max_is_a_pretraining_target():
     untrained output row."""
     rows = toy_routes.generate("pretrain", 4000, seed=0)
     starts = {numbers(r)[0] for r in rows}
-    assert set(range(32, 44)) <= starts
+    assert set(range(CAP + 1, HARD_MAX + 1)) <= starts
     sums = set()
     for row in rows:
         start, first, second = numbers(row)
         sums |= {start + first, start + first + second}
-    assert max(sums) <= 31
+    assert max(sums) <= CAP
 
 
 # -- splits ------------------------------------------------------------------------------------
@@ -106,7 +107,7 @@ def test_a_heldout_set_larger_than_its_triples_names_the_split():
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"cap": 31, "hard_max": 31}, "cap < hard_max"), ({"hard_max": 50}, "hard_max <= cap \\+ max_change"),
+    [({"cap": 31, "hard_max": 31}, "cap < hard_max"), ({"hard_max": 45}, "hard_max <= cap \\+ max_change"),
      ({"cap": 55, "hard_max": 60}, "whole-number tokens")],
 )  # fmt: skip
 def test_bad_ranges_say_what_to_change(kwargs, match):
@@ -129,9 +130,11 @@ HARD_Q = "Mia has 25 apples. Mia buys 10 and then loses 8. How many apples does 
 def test_question_numbers_and_difficulty_by_hand():
     assert toy_routes.question_numbers(HARD_Q) == (25, 10, -8)
     assert toy_routes.question_difficulty(HARD_Q) == "hard"  # 25 + 10 = 35 > 31
-    easy = "Tom has 40 coins. Tom gives away 12 and then finds 3. How many coins does Tom have now?"
-    assert toy_routes.question_numbers(easy) == (40, -12, 3)
-    assert toy_routes.question_difficulty(easy) == "easy"  # 28, then 31
+    easy = "Tom has 40 coins. Tom gives away 10 and then finds 1. How many coins does Tom have now?"
+    assert toy_routes.question_numbers(easy) == (40, -10, 1)
+    assert toy_routes.question_difficulty(easy) == "easy"  # 30, then 31
+    too_big = "Tom has 40 coins. Tom gives away 12 and then finds 3. How many coins does Tom have now?"
+    assert toy_routes.question_difficulty(too_big) == "other"  # a change of 12 is outside the task
     assert toy_routes.question_difficulty("What is 2 + 2?") == "other"
     with pytest.raises(ValueError, match="not a toy question"):
         toy_routes.question_numbers("What is 2 + 2?")
@@ -182,7 +185,7 @@ def test_cache_keys_follow_the_generators_source(monkeypatch):
     keys = (toy.construction(), routes.construction(), ToyMathSource().fingerprint(), RoutesSource().fingerprint())
     assert keys[0]["code"] != keys[1]["code"]
     # an explicit default range and an omitted one are one base
-    assert TinyLMSpec(task="routes", routes={"cap": 31}).construction() == keys[1]
+    assert TinyLMSpec(task="routes", routes={"cap": CAP}).construction() == keys[1]
     real = inspect.getsource
 
     def edited(obj):

@@ -51,7 +51,7 @@ SPLITS = ("pretrain", "sft", "calibration", "rl", "heldout")
 
 # share of each difficulty's triples given to each split (the rest of the easy ones go to SFT)
 EASY_SHARES = {"heldout": 0.10, "calibration": 0.05, "rl": 0.15}
-HARD_SHARES = {"heldout": 0.40, "rl": 0.60}
+HARD_SHARES = {"heldout": 0.52, "rl": 0.48}  # 200 of the 385 hard triples (default ranges) held out
 # which difficulties a split draws from, with their weights
 SPLIT_MIX = {
     "pretrain": {"easy": 1.0},
@@ -76,8 +76,8 @@ class Ranges:
     """
 
     cap: int = 31
-    hard_max: int = 43
-    max_change: int = 12
+    hard_max: int = 41
+    max_change: int = 10
     start_min: int = 2
 
     def __post_init__(self):
