@@ -205,8 +205,9 @@ def _unreachable(spec: BenchmarkSpec, kwargs: dict, err: Exception) -> OSError:
         else ""
     )
     first = (str(err).splitlines() or [""])[0][:200]
+    why = type(err).__name__ if str(what) in first else f"{type(err).__name__}: {first}"  # the URL once
     return OSError(
-        f"benchmarks.{spec.name}: could not load {what} ({type(err).__name__}: {first}). Offline? "
+        f"benchmarks.{spec.name}: could not load {what} ({why}). Offline? "
         f"{local}pass benchmarks.{spec.name}.path=<local jsonl / json / parquet file in its schema>"
     )
 
