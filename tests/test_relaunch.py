@@ -98,6 +98,7 @@ def test_pipeline_killed_during_rl_resumes_rl(tmp_path, cache_dir):
                  f"rl.overrides={as_list([*RL_TINY, 'grpo.save_steps=1'])}"]  # fmt: skip
     first = run_job(job, cache_dir, *overrides)
     assert first["metrics"]["rl"]["global_step"] == 2
+    assert (job / "rl" / ".hydra" / "config.yaml").is_file()  # the first run's knobs, which a resume compares
     for left in ("metrics.json", "hf", "checkpoints/checkpoint-2"):
         path = job / "rl" / left
         shutil.rmtree(path) if path.is_dir() else path.unlink()

@@ -72,10 +72,9 @@ def rl_resume(rl_dir: Path) -> list[str]:
     from sedsft.rl.training import find_checkpoint
 
     try:
-        checkpoint = find_checkpoint(rl_dir)
+        find_checkpoint(rl_dir)
     except FileNotFoundError:
         return []
-    log.info("rl: continuing from %s (an earlier launch of this job stopped there)", checkpoint)
     return [f"resume={rl_dir}"]
 
 
@@ -94,7 +93,13 @@ def run_stage(cfg: DictConfig, stage: str, job_dir: Path) -> dict[str, float]:
     stage_cfg = stage_config("train" if stage == "sft" else "rl", stage_overrides(cfg, stage, job_dir))
     (job_dir / stage).mkdir(parents=True, exist_ok=True)
     (job_dir / stage / "config.yaml").write_text(OmegaConf.to_yaml(stage_cfg, resolve=True))
+    first = job_dir / stage / ".hydra" / "config.yaml"  # as src/rl.py keeps it: a resume checks its knobs against it
+    if stage == "rl" and not first.is_file():
+        first.parent.mkdir(exist_ok=True)
+        first.write_text(OmegaConf.to_yaml(stage_cfg))
     log.info("%s: starting in %s", stage, job_dir / stage)
+    if stage == "rl" and stage_cfg.get("resume"):
+        log.info("rl: an earlier launch of this job stopped during RL; continuing from its newest checkpoint")
     if stage == "sft":
         from sedsft.sft.training import train
     else:
