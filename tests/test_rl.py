@@ -388,6 +388,7 @@ def test_grpo_on_a_verl_parquet_with_left_truncated_prompts(sft_run, tmp_path, c
                          shrink=False, name="rl.yaml")  # fmt: skip
     metrics = train(cfg)
     assert "1 of 6 prompts have no gold answer" in caplog.text
+    assert "5 of 5 RL prompts are longer than max_prompt_length=20 tokens" in caplog.text  # named at start-up
     assert metrics["global_step"] == 2 and metrics["rl/prompts/truncated_frac"] == 1.0  # toy prompts have ~36 tokens
     assert metrics["heldout/num_prompts"] == 2.0 and AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
 
