@@ -87,6 +87,15 @@ def test_bad_rl_knob_stops_the_pipeline_before_sft(tmp_path, cache_dir):
     with pytest.raises(ValueError, match=r"rl stage: invalid configuration:\n  grpo.learning_rate=-1 must be > 0"):
         run_job(job, cache_dir, "loss=ce", "seed=1", f"sft.overrides={as_list(SFT_TINY)}", f"rl.overrides={as_list(rl)}")
     assert not (job / "sft").exists()
+    # no stage left a result: the job may be relaunched in place with the knob corrected
+    from sedsft.pipeline.job import claim_job_dir
+
+    (job / "job.json").write_text(json.dumps({"loss": "ce", "seed": 1, "rl.overrides": rl}))
+    claim_job_dir(job, {"loss": "ce", "seed": 1, "rl.overrides": ["grpo=toy"]})
+    assert json.loads((job / "job.json").read_text())["rl.overrides"] == ["grpo=toy"]
+    (job / "rl" / "checkpoints" / "checkpoint-1").mkdir(parents=True)  # now it holds a result
+    with pytest.raises(ValueError, match="rl.overrides: this job is"):
+        claim_job_dir(job, {"loss": "ce", "seed": 1, "rl.overrides": rl})
 
 
 @pytest.mark.slow

@@ -4,17 +4,21 @@ A relaunch into an existing job directory skips every stage whose ``metrics.json
 so a launch with another loss, knob or seed would label the old stages' results with the new
 settings in ``pipeline.json`` (a "sed, seed 3" record around CE's model). The first launch
 writes the job's settings to ``<job dir>/job.json``; a later launch must match them, or it is
-refused before any stage runs, naming each setting that differs. Job directories written
-before ``job.json`` existed are checked against their ``pipeline.json`` (loss and seed).
+refused before any stage runs, naming each setting that differs, unless no stage left a
+result there yet (a launch stopped by a bad knob may be corrected in place). Job directories
+written before ``job.json`` existed are checked against their ``pipeline.json`` (loss and seed).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
 
 JOB_FILE = "job.json"
 # pipeline keys that say how or what to run, not what the job is
@@ -52,6 +56,10 @@ def claim_job_dir(job_dir: Path, identity: dict[str, Any]) -> None:
         source = job_dir / "pipeline.json"
         old = json.loads(source.read_text())
         recorded = {"loss": old.get("loss"), "seed": old.get("seed")}
+    if recorded is not None and recorded != identity and not holds_results(job_dir):
+        log.info("%s: no stage left results under %s (e.g. a launch stopped by a bad knob); it is now %s seed %s",
+                 job_dir, recorded, identity["loss"], identity["seed"])  # fmt: skip
+        recorded = None
     if recorded is None:
         job_dir.mkdir(parents=True, exist_ok=True)
         file.write_text(json.dumps(identity, indent=2, sort_keys=True))
@@ -65,6 +73,11 @@ def claim_job_dir(job_dir: Path, identity: dict[str, Any]) -> None:
             "A job directory belongs to one (loss, knobs, seed) and its finished stages are not run again: launch "
             "into another hydra.run.dir (hydra.sweep.dir with -m), or relaunch with this job's settings"
         )
+
+
+def holds_results(job_dir: Path) -> bool:
+    """Whether a stage left anything a relaunch would keep: a ``metrics.json`` or a checkpoint."""
+    return any(job_dir.glob("*/metrics.json")) or any(job_dir.glob("*/checkpoints/*"))
 
 
 def _show(value: Any) -> str:
