@@ -81,7 +81,7 @@ def test_pipeline_and_grid_presets_compose(tmp_path):
     grid = compose_config(tmp_path, tmp_path, "grid=toy_claim", shrink=False, name="pipeline.yaml")
     assert grid is not None
     slurm = compose_config(tmp_path, tmp_path, "grid=paper_slurm", "loss=gem", shrink=False, name="pipeline.yaml")
-    assert slurm.sft.overrides[0] == "experiment=paper_llama32_3b_gem"
+    assert list(slurm.sft.overrides[:2]) == ["experiment=paper/base", "model=llama32_3b"]  # the loss from the sweep
 
 
 SFT_TINY = [

@@ -24,9 +24,11 @@ from sedsft.data.sources import ToyMathSource
 from sedsft.rl.data import ToyMathRLSource, build_train_dataset, rl_gold, rl_rows
 from sedsft.rl.rewards import math_answer_reward, verl_compute_score
 from sedsft.rl.verl import batch_sizes, verl_overrides
+from sedsft.utils.batches import apply_rl_batch
+from sedsft.utils.world import World
 
 RL_SAMPLE = ROOT / "tests" / "fixtures" / "math_dapo_rl_sample.parquet"  # 12 rows of verl's RL schema
-PRESETS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("rl_*.yaml"))
+PRESETS = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("rl_paper_*.yaml"))  # the paper RL presets
 
 
 def chat(text: str) -> list[dict[str, str]]:
@@ -155,6 +157,9 @@ def test_every_rl_preset_composes_and_maps_to_the_paper_batches(preset, tmp_path
         tmp_path, tmp_path, f"experiment={preset}", "policy=p", "data.path=rl.parquet", "heldout.path=aime.parquet",
         shrink=False, name="rl.yaml",
     )  # fmt: skip
+    # stated globally; per-process sizes derived at run time (here for 8 GPUs; tests/test_presets.py: others)
+    assert (cfg.batch.rollout_prompts, cfg.batch.prompts_per_update) == (256, 32)
+    apply_rl_batch(cfg, World(8, "torchrun", "8 GPUs"))
     grpo = OmegaConf.to_container(cfg.grpo, resolve=True)
     # 256 prompts x 8 per rollout batch, updates of 32 prompts, on 8 GPUs: 8 updates per rollout
     assert grpo["generation_batch_size"] // grpo["num_generations"] == 256
@@ -165,10 +170,12 @@ def test_every_rl_preset_composes_and_maps_to_the_paper_batches(preset, tmp_path
     assert (grpo["beta"], grpo["epsilon"], grpo["epsilon_high"], grpo["loss_type"]) == (0.0, 0.2, 0.28, "dapo")
     assert (grpo["learning_rate"], grpo["max_completion_length"], cfg.max_prompt_length) == (1e-6, 3072, 1024)
     assert grpo["use_vllm"] and grpo["vllm_mode"] == "colocate" and cfg.data.path == "rl.parquet"
-    # every key is a GRPOConfig field (on this CPU: without bf16 and vLLM)
+    # every key is a GRPOConfig field (on this CPU, one process: without bf16 and vLLM)
     with_cpu = OmegaConf.merge(cfg, {"grpo": {"bf16": False, "use_vllm": False}})
+    apply_rl_batch(with_cpu, World(1, "single", "one process"))
     args = grpo_config(with_cpu, tmp_path)
     assert args.steps_per_generation == 2048 // grpo["per_device_train_batch_size"]  # one process here
+    assert args.gradient_accumulation_steps * args.per_device_train_batch_size == 256  # 32 prompts per update
     assert args.delta == 3.0 and args.scale_rewards == "group" and args.lr_scheduler_type == "constant"
 
 
@@ -208,9 +215,13 @@ def test_verl_overrides_of_the_paper_preset(tmp_path):
         "actor_rollout_ref.rollout.top_p": "1.0", "actor_rollout_ref.rollout.top_k": "-1",
         "actor_rollout_ref.model.path": str(hf.resolve()), "trainer.total_epochs": "10",
         "trainer.n_gpus_per_node": "8", "trainer.save_freq": "8", "trainer.test_freq": "5",
-        "custom_reward_function.name": "verl_compute_score", "data.val_files": "/d/val.parquet",
+        "data.val_files": "/d/val.parquet",
     }  # fmt: skip
     assert {k: overrides.get(k) for k in expected} == expected
+    assert "custom_reward_function.path" not in overrides  # the paper's reward: verl's own DAPO scorer (math_dapo rows)
+    project = compose_config(tmp_path, tmp_path, "experiment=rl_paper_llama32_3b", f"policy={hf}", "verl.use_project_reward=true",
+                             shrink=False, name="rl.yaml")  # fmt: skip
+    overrides = dict(o.split("=", 1) for o in verl_overrides(project, "/d/train.parquet", "/d/val.parquet"))
     assert Path(overrides["custom_reward_function.path"]).name == "rewards.py"
 
 

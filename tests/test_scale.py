@@ -30,6 +30,8 @@ from sedsft.models.hf import CausalLMSpec
 from sedsft.models.lora import is_peft, lora_settings, merged_state_dict
 from sedsft.sft.strategies import DecoderLayerPolicy, fsdp_strategy
 from sedsft.sft.training import build, train
+from sedsft.utils.batches import apply_sft_batch
+from sedsft.utils.world import lightning_world
 
 CONFIGS = ROOT / "configs"
 EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "experiment").glob("paper_*.yaml"))
@@ -122,6 +124,8 @@ def test_paper_experiment_composes_and_validates(tmp_path, cache_dir, chatml_tok
             loss_name = loss
             break
     t = cfg.trainer
+    assert t.accumulate_grad_batches is None and cfg.batch.sequences_per_step == 128  # derived at run time
+    apply_sft_batch(cfg, lightning_world(cfg, {}))  # what src/train.py does first (tests/test_presets.py: other sizes)
     assert t.devices * t.num_nodes * t.accumulate_grad_batches * cfg.data.batch_size == 128
     assert (t.precision, t.max_epochs, t.gradient_clip_val, cfg.seed) == ("bf16-mixed", 2, 1.0, 42)
     assert (cfg.optimizer.lr, list(cfg.optimizer.betas), cfg.scheduler.warmup_ratio) == (2e-5, [0.9, 0.95], 0.03)
@@ -139,13 +143,14 @@ def test_paper_experiment_composes_and_validates(tmp_path, cache_dir, chatml_tok
     optimizer = hydra.utils.instantiate(cfg.optimizer)(params=[torch.nn.Parameter(torch.zeros(2))])
     hydra.utils.instantiate(cfg.scheduler)(optimizer, num_training_steps=313)
     datamodule = hydra.utils.instantiate(cfg.data, tokenizer=chatml_tokenizer)
-    assert datamodule.batch_size == 1 and datamodule.max_length == 4096
+    assert datamodule.batch_size == 1 and datamodule.max_length == 32000  # the release's limit
     strategy = hydra.utils.instantiate(cfg.trainer.strategy)
     assert type(strategy).__name__ == "ClippingFSDPStrategy"
 
 
 def test_paper_experiment_with_deepspeed(tmp_path, cache_dir):
     cfg = compose_config(tmp_path, cache_dir, "experiment=paper_llama32_3b_sed", "trainer=deepspeed_zero2", shrink=False)
+    apply_sft_batch(cfg, lightning_world(cfg, {}))
     assert cfg.trainer.accumulate_grad_batches == 16 and cfg.trainer.strategy.stage == 2
     if HAS_DEEPSPEED:
         assert hydra.utils.instantiate(cfg.trainer.strategy).zero_stage_3 is False

@@ -34,7 +34,7 @@ RL_KNOBS: dict[str, tuple[type, Any, Any, bool, str]] = {
     "grpo.num_generations": (int, 2, None, True, "completions per prompt, e.g. 8"),
     "grpo.generation_batch_size": (int, 1, None, True, "completions per rollout batch, e.g. 2048"),
     "grpo.per_device_train_batch_size": (int, 1, None, False, "completions per micro-step, e.g. 4"),
-    "grpo.gradient_accumulation_steps": (int, 1, None, False, "micro-steps per update, e.g. 8"),
+    "grpo.gradient_accumulation_steps": (int, 1, None, True, "micro-steps per update, e.g. 8, or null = from batch.*"),
     "grpo.num_iterations": (int, 1, None, False, "passes over each rollout batch, e.g. 1"),
     "grpo.max_steps": (int, -1, None, False, "optimizer updates, -1 = by epochs"),
     "grpo.num_train_epochs": (float, ("open", 0), None, False, "epochs over the RL prompts, e.g. 10"),

@@ -29,8 +29,10 @@ from sedsft.rl.console import final_report, use_console
 from sedsft.rl.data import build_train_dataset, heldout_prompts
 from sedsft.rl.resume import ExactResume, StopOnSIGTERM, check_resume_config
 from sedsft.utils import console
+from sedsft.utils.batches import announce, apply_rl_batch
 from sedsft.utils.preemption import PREEMPTED_EXIT_CODE, resume_command
 from sedsft.utils.threads import set_cpu_threads
+from sedsft.utils.world import export_slurm_process_group, rl_world
 
 log = logging.getLogger(__name__)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -124,6 +126,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     validate_rl_config(cfg)  # numeric knobs by name, before anything is loaded or written
     console.configure_console()
     set_cpu_threads(cfg.get("cpu_threads", "auto"), on_cpu=not torch.cuda.is_available())
+    export_slurm_process_group()  # SLURM tasks (submitit) form one process group for accelerate
     output_dir = shared_output_dir(cfg.paths.output_dir)
     console.announce_run_directory(output_dir)
     resume = find_checkpoint(cfg.resume) if cfg.get("resume") else None
@@ -137,6 +140,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             raise ValueError("policy=??? : pass the SFT policy (run dir, HF dir, .ckpt) or resume=<RL run dir>")
         policy = str(resume)  # a checkpoint-<step> directory is itself a Hugging Face directory
         origin = OmegaConf.load(first_config).get("policy") if first_config.is_file() else policy
+    announce(apply_rl_batch(cfg, rl_world()))  # grpo accumulation / rollout size from batch.* and the process count
     args = grpo_config(cfg, output_dir)
 
     knob = "resume" if OmegaConf.is_missing(cfg, "policy") else "policy"  # what a bad path is reported under

@@ -1,13 +1,19 @@
 """The verl command with the same settings as a ``src/rl.py`` config, for those who
 reproduce the paper's RL stage with verl (``python src/rl.py ... print_verl=true``).
 
-The mapping is the one documented in ``configs/grpo/paper.yaml``: verl counts prompts
-where TRL counts completions, so ``data.train_batch_size = generation_batch_size /
-num_generations`` and ``ppo_mini_batch_size = per_device_train_batch_size x GPUs x
-gradient_accumulation_steps / num_generations``. The prompts (with the system prompt added
-and rows without a gold answer dropped, exactly as the TRL run sees them) are written to
-verl's parquet schema in the run directory, so the command runs on any data the project
-reads; the reward is the project's checker through ``custom_reward_function``.
+verl's batch sizes are global (it divides them by the GPU count itself): with the global
+numbers of a paper preset (``batch.rollout_prompts``, ``batch.prompts_per_update``) they
+are passed as they are, whatever ``verl.n_gpus_per_node`` says, and a GPU count verl would
+split unevenly is refused (``sedsft.utils.batches.verl_batch``). Without them the mapping is
+the one documented in ``configs/grpo/paper.yaml`` for TRL's per-process sizes run on verl's
+GPUs: ``data.train_batch_size = generation_batch_size / num_generations`` and
+``ppo_mini_batch_size = per_device_train_batch_size x GPUs x gradient_accumulation_steps /
+num_generations``. The prompts (rows without a gold answer dropped, exactly as the TRL run
+sees them) are written to verl's parquet schema in the run directory with
+``data_source=verl.data_source`` (``math_dapo``: what verl's own scorer routes to its DAPO
+rule scorer, so ``verl.use_project_reward=false`` works); with ``use_project_reward`` the
+reward is the project's checker through ``custom_reward_function``. Settings the command
+carries that the paper does not state are listed at the top of ``verl_command.sh``.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 from sedsft.checkpoints import hf_directory
 from sedsft.rl import rewards
 from sedsft.rl.data import build_train_dataset, heldout_prompts
+from sedsft.utils.batches import verl_batch
+from sedsft.utils.world import verl_world
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +41,16 @@ LOSS_AGG = {  # TRL loss_type -> verl actor.loss_agg_mode
     "grpo": "seq-mean-token-mean",
     "dr_grpo": "seq-mean-token-sum-norm",
 }
+
+
+VERL_WEIGHT_DECAY = 0.01  # verl's actor AdamW default, left implicit in the command when equal
+# Settings of the command (or of verl's defaults it keeps) that the paper does not state.
+NOT_IN_PAPER = (
+    "actor_rollout_ref.actor.optim.weight_decay: verl's default 0.01 (grpo.weight_decay), not stated in the paper",
+    "trainer.test_freq: this project's choice (heldout.every_n_steps); the paper names AIME-2024 as validation only",
+    "trainer.val_before_train: verl's default (True), not stated in the paper",
+    "trainer.save_freq: this project's choice (grpo.save_steps)",
+)
 
 
 class VerlMappingError(ValueError):
@@ -88,7 +106,11 @@ def verl_overrides(cfg: DictConfig, train_file: str, val_file: str | None) -> li
     grpo = OmegaConf.to_container(cfg.grpo, resolve=True)
     verl = cfg.verl
     gpus = int(verl.n_gpus_per_node) * int(verl.nnodes)
-    sizes = batch_sizes(grpo, gpus)
+    if OmegaConf.select(cfg, "batch.prompts_per_update", default=None) is not None:
+        sizes = vars(verl_batch(cfg, verl_world(cfg)))  # global numbers: verl takes them as they are
+        sizes["updates_per_rollout"] *= int(grpo.get("num_iterations", 1))
+    else:
+        sizes = batch_sizes(grpo, gpus)
     policy = hf_directory(cfg.policy)
     if policy is None:
         raise VerlMappingError(
@@ -122,7 +144,6 @@ def verl_overrides(cfg: DictConfig, train_file: str, val_file: str | None) -> li
         f"actor_rollout_ref.model.path={policy.resolve()}",
         f"actor_rollout_ref.model.enable_gradient_checkpointing={bool(grpo.get('activation_checkpointing', grpo.get('gradient_checkpointing', True)))}",
         f"actor_rollout_ref.actor.optim.lr={grpo.get('learning_rate', 1e-6)}",
-        f"actor_rollout_ref.actor.optim.weight_decay={grpo.get('weight_decay', 0.0)}",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={sizes['ppo_mini_batch_size']}",
         f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={sizes['ppo_micro_batch_size_per_gpu']}",
         f"actor_rollout_ref.actor.ppo_epochs={int(grpo.get('num_iterations', 1))}",
@@ -145,6 +166,8 @@ def verl_overrides(cfg: DictConfig, train_file: str, val_file: str | None) -> li
         f"actor_rollout_ref.rollout.val_kwargs.top_p={cfg.heldout.top_p}",
         "actor_rollout_ref.rollout.val_kwargs.do_sample=True",
     ]
+    if float(grpo.get("weight_decay", 0.0)) != VERL_WEIGHT_DECAY:  # verl's default otherwise
+        out.append(f"actor_rollout_ref.actor.optim.weight_decay={grpo.get('weight_decay', 0.0)}")
     if grpo.get("delta") is not None:
         out.append(f"actor_rollout_ref.actor.clip_ratio_c={grpo['delta']}")
     if verl.use_project_reward:
@@ -161,7 +184,6 @@ def verl_overrides(cfg: DictConfig, train_file: str, val_file: str | None) -> li
     every = cfg.heldout.every_n_steps if cfg.heldout.enabled else 0
     out += [
         f"trainer.test_freq={max(1, round(every / updates)) if every else -1}",
-        "trainer.val_before_train=True",
         f"trainer.n_gpus_per_node={verl.n_gpus_per_node}",
         f"trainer.nnodes={verl.nnodes}",
         "trainer.logger=[console,tensorboard]",
@@ -185,7 +207,7 @@ def verl_command(cfg: DictConfig) -> str:
         if cfg.heldout.path
         else cfg.data.get("val")
     )
-    data_source = "sedsft"
+    data_source = cfg.verl.get("data_source") or "math_dapo"
     train_file = write_verl_parquet(train_set["prompt"], train_set["gold"], output_dir / "verl" / "train.parquet", data_source)
     val_file = None
     found = heldout_prompts(source, cfg.data.get("system_prompt"), cfg.heldout.num_prompts)
@@ -200,7 +222,12 @@ def print_verl_command(cfg: DictConfig) -> str:
     """Print the verl command and save it as ``verl_command.sh`` in the run directory."""
     command = verl_command(cfg)
     path = Path(cfg.paths.output_dir) / "verl_command.sh"
-    path.write_text("#!/usr/bin/env bash\n# written by src/rl.py print_verl=true\n" + command + "\n")
+    notes = "".join(f"#   {note}\n" for note in NOT_IN_PAPER)
+    path.write_text(
+        "#!/usr/bin/env bash\n# written by src/rl.py print_verl=true\n"
+        f"# settings the paper does not state:\n{notes}" + command + "\n"
+    )
+    log.info("settings of this command the paper does not state:\n  %s", "\n  ".join(NOT_IN_PAPER))
     print(command)
     log.info("wrote %s and the prompt files in %s", path, path.parent / "verl")
     return command

@@ -20,7 +20,9 @@ from sedsft.sft.callbacks.exception_checkpoint import preempted
 from sedsft.sft.checks import validate_config
 from sedsft.sft.module import SFTModule
 from sedsft.utils import console
+from sedsft.utils.batches import announce, apply_sft_batch
 from sedsft.utils.threads import set_cpu_threads
+from sedsft.utils.world import lightning_world
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     console.configure_console()
     output_dir = Path(cfg.paths.output_dir)
+    batch = apply_sft_batch(cfg, lightning_world(cfg))  # accumulation from batch.sequences_per_step and the world size
     _announce_run_directory(cfg, output_dir)
+    announce(batch)
     validate_config(cfg)  # numeric knobs and data files, before anything is built; logs the global batch
     on_cpu = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto")) == "cpu" or not torch.cuda.is_available()
     set_cpu_threads(cfg.get("cpu_threads", "auto"), on_cpu=on_cpu)
