@@ -65,6 +65,7 @@ class TokenizedChat:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX outside assistant replies
     truncated: bool
+    answer_cut: bool = False  # the cut removed the final answer: the last reply's last \boxed{...}, or its end
 
     @property
     def num_targets(self) -> int:
@@ -304,7 +305,7 @@ def tokenize_chat(
     step shifts once. Sequences longer than ``max_length`` are cut at the end.
     ``source`` and ``row`` name the conversation in a :class:`TemplateError`.
     """
-    _, spans, encoding = _locate_checked(tokenizer, messages, source, row)
+    text, spans, encoding = _locate_checked(tokenizer, messages, source, row)
     input_ids = list(encoding["input_ids"])
     labels = [IGNORE_INDEX] * len(input_ids)
     span_iter = iter(spans)
@@ -315,9 +316,27 @@ def tokenize_chat(
         if span is not None and span[0] <= start < span[1]:
             labels[t] = input_ids[t]
     truncated = max_length is not None and len(input_ids) > max_length
+    answer_cut = False
     if truncated:
         input_ids, labels = input_ids[:max_length], labels[:max_length]
-    return TokenizedChat(input_ids, labels, truncated)
+        kept_chars = encoding["offset_mapping"][max_length - 1][1]
+        answer_cut = bool(spans) and kept_chars < final_answer_end(text, spans[-1])
+    return TokenizedChat(input_ids, labels, truncated, answer_cut)
+
+
+def final_answer_end(text: str, span: tuple[int, int]) -> int:
+    """Where the final answer of the reply at ``span`` of ``text`` ends: after the closing
+    brace of its last ``\\boxed{...}``; the reply's end when it boxes nothing (or never
+    closes the box). A cut before this point takes the answer away from the target."""
+    start = text.rfind("\\boxed{", span[0], span[1])
+    if start < 0:
+        return span[1]
+    depth = 0
+    for i in range(start + len("\\boxed"), span[1]):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return i + 1
+    return span[1]
 
 
 def render_labels(tokenizer: PreTrainedTokenizerBase, chat: TokenizedChat) -> str:

@@ -20,7 +20,7 @@ from sedsft.data.formats import ROW_FIELD, DataError, gold_answer, to_messages, 
 from sedsft.data.packing import PackingCollator
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 3  # bump when tokenisation changes, to invalidate cached data sets
+CACHE_VERSION = 4  # bump when tokenisation changes, to invalidate cached data sets
 
 
 @dataclass
@@ -30,6 +30,8 @@ class PreparedSplit:
     dataset: datasets.Dataset  # columns: input_ids, labels, num_targets, row (in the source), index (in raw)
     raw: datasets.Dataset  # the source rows, for prompts and gold answers
     problems: list[str] = field(default_factory=list)  # why each skipped row was skipped
+    cut: int = 0  # rows cut at max_length (kept, shortened)
+    answer_cut: int = 0  # of those, rows whose cut removed the final answer of the reply
 
 
 def _tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -139,7 +141,8 @@ class SFTDataModule(L.LightningDataModule):
 
     def _tokenize_row(self, row: dict, index: int, source: str) -> dict:
         number = row[ROW_FIELD]
-        out = {"input_ids": [], "labels": [], "num_targets": 0, "row": number, "index": index, "skip": ""}
+        out = {"input_ids": [], "labels": [], "num_targets": 0, "row": number, "index": index, "skip": "",
+               "cut": False, "answer_cut": False}  # fmt: skip
         try:
             messages = to_messages(row, source, number, self.system_prompt)
             chat = tokenize_chat(self.tokenizer, messages, self.max_length, source=source, row=number)
@@ -150,7 +153,8 @@ class SFTDataModule(L.LightningDataModule):
                 source, number, None,
                 f"no assistant token left after truncation to data.max_length={self.max_length} (prompt too long)",
             ))}
-        return {**out, "input_ids": chat.input_ids, "labels": chat.labels, "num_targets": chat.num_targets}
+        return {**out, "input_ids": chat.input_ids, "labels": chat.labels, "num_targets": chat.num_targets,
+                "cut": chat.truncated, "answer_cut": chat.answer_cut}  # fmt: skip
 
     def _prepare(self, split: str, source: str, raw: datasets.Dataset) -> PreparedSplit:
         cache = self._cache_path(split)
@@ -172,7 +176,15 @@ class SFTDataModule(L.LightningDataModule):
         problems = [p for p in tokenized["skip"] if p]
         self._check_skips(split, source, len(raw), problems)
         kept = tokenized.filter(lambda s: not s, input_columns="skip") if problems else tokenized
-        return PreparedSplit(dataset=kept.remove_columns("skip"), raw=raw, problems=problems)
+        cut, answer_cut = sum(kept["cut"]), sum(kept["answer_cut"])
+        if cut:  # the target loses its end: said at preparation, with how often the answer goes too
+            log.warning(
+                "%s (%s): %d of %d rows are longer than data.max_length=%d tokens and cut at the end; %d of them "
+                "lose their final answer (the reply's last \\boxed{}, or its end without one)",
+                split, source, cut, len(kept), self.max_length, answer_cut,
+            )  # fmt: skip
+        kept = kept.remove_columns(["skip", "cut", "answer_cut"])
+        return PreparedSplit(dataset=kept, raw=raw, problems=problems, cut=cut, answer_cut=answer_cut)
 
     def _check_skips(self, split: str, source: str, total: int, problems: list[str]) -> None:
         """Log the skipped rows; stop when the split is empty or too much of it was skipped."""
@@ -195,6 +207,14 @@ class SFTDataModule(L.LightningDataModule):
             self.splits[split] = self._prepare(split, source, raw)
         for split, prepared in self.splits.items():
             log.info("%s: %d examples, %d target tokens", split, len(prepared.dataset), sum(prepared.dataset["num_targets"]))
+
+    def cut_counts(self) -> dict[str, int]:
+        """Rows cut at ``max_length`` per split (``<split>``) and those that lost their final
+        answer (``<split>_answer``), for the run's metrics."""
+        counts = {}
+        for split, prepared in self.splits.items():
+            counts[split], counts[f"{split}_answer"] = prepared.cut, prepared.answer_cut
+        return counts
 
     def skip_counts(self) -> dict[str, int]:
         """Rows left out per split (logged by the training script)."""

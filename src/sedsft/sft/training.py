@@ -104,6 +104,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     # Tokenise and validate every row before any weight is loaded or step is taken.
     datamodule.setup("fit")
     skipped = {runlog.key("data", f"skipped_{k}"): float(v) for k, v in datamodule.skip_counts().items()}
+    skipped.update({runlog.key("data", f"cut_{k}"): float(v) for k, v in datamodule.cut_counts().items()})  # rows cut at data.max_length
     runlog.log_scalars(trainer, skipped, step=0)
     if cfg.get("train", True):
         try:
