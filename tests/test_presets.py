@@ -264,3 +264,17 @@ def test_slurm_grids_start_one_task_per_gpu_and_name_every_file(tmp_path, grid, 
     env = {"SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "8", "SLURM_JOB_NAME": "pipeline"}
     assert apply_sft_batch(sft, lightning_world(sft, env)).accumulation == 16
     assert apply_rl_batch(rl, rl_world(env, processes=8)).update_prompts == 32
+
+
+@pytest.mark.parametrize(("trainer", "refused"), [("fsdp", False), ("ddp", False), ("gpu", False), ("deepspeed_zero2", True)])
+def test_strategies_that_cannot_normalise_over_the_accumulated_batch_are_refused(composed, trainer, refused):
+    from sedsft.utils.batches import check_normalisation
+
+    cfg = composed("experiment=paper_llama32_3b_ce", f"trainer={trainer}")
+    if not refused:
+        check_normalisation(cfg)  # exact on these: tests/test_module.py (accumulation), tests/test_ddp.py (ranks)
+        return
+    with pytest.raises(BatchError, match="each micro-batch's own token mean"):
+        check_normalisation(cfg)
+    cfg.batch.allow_micro_batch_mean = True
+    check_normalisation(cfg)
