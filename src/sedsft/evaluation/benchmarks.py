@@ -12,11 +12,11 @@ in this order of precedence:
 
 Gold answers (``GOLD_PARSERS``), as Qwen2.5-Math's ``parser.parse_ground_truth`` reads them:
 
-- ``plain``: the field itself, ``$`` removed (``"$10-4 n$"`` -> ``"10-4 n"``); integral
-  floats lose their ``.0`` (AMC23 stores ``27.0``);
+- ``plain``: the field itself, ``$`` and a trailing "." removed (``"$10-4 n$"`` -> ``"10-4 n"``,
+  ``"Yes."`` -> ``"Yes"``); integral floats lose their ``.0`` (AMC23 stores ``27.0``);
 - ``gsm8k``: the number after the last ``####`` of the worked answer, commas removed;
 - ``boxed``: the content of the last ``\\boxed{}`` of a worked solution (MATH);
-- ``first``: the first item of a list, ``$`` stripped (OlympiadBench's ``final_answer``).
+- ``first``: the first item of a list, cleaned as ``plain`` (OlympiadBench's ``final_answer``).
 
 The question is the first present of ``question_fields``; as in the toolkit's
 ``parse_question``, a question whose gold is yes/no or true/false gets ``(Yes or No)`` /
@@ -41,8 +41,21 @@ log = logging.getLogger(__name__)
 TOOLKIT_FILE = "test.jsonl"  # Qwen2.5-Math: evaluation/data/<name>/test.jsonl
 
 
+_LABEL_AFTER_RE = re.compile(r"^\$([^$]+)\$\s*[A-Za-z][A-Za-z ]*:\s*$")
+
+
 def _no_dollars(text: str) -> str:
-    return text.replace("$", "").strip()
+    """The gold without ``$``, a trailing "." (242 CollegeMATH golds such as ``Yes.`` and
+    ``$\\sqrt{27}$.``; OlympiadBench's ``...$.``) and a stray label after the closing ``$``
+    (GAOKAO's ``$145$solution:``): none of them is part of the answer, and each kept a
+    correct reply from matching (and ``Yes.`` from getting its yes/no hint)."""
+    label = _LABEL_AFTER_RE.match(text.strip())
+    if label:
+        text = label.group(1)
+    text = text.replace("$", "").strip()
+    while text.endswith(".") and not text.endswith(".."):
+        text = text[:-1].rstrip()
+    return text
 
 
 def gold_plain(value: Any) -> str:
@@ -68,7 +81,7 @@ def gold_boxed(value: Any) -> str:
 def gold_first(value: Any) -> str:
     if isinstance(value, str) or not hasattr(value, "__len__") or len(value) == 0:
         raise ValueError(f"expected a non-empty list, got {value!r}")  # parquet lists are arrays
-    return str(value[0]).strip().strip("$").strip()
+    return _no_dollars(str(value[0]))
 
 
 GOLD_PARSERS: dict[str, Callable[[Any], str]] = {

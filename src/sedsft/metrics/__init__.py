@@ -4,7 +4,8 @@
 - :class:`SelfBLEU` -- BLEU of each sample against its siblings (Zhu et al., 2018).
 - :class:`TokenEntropy` -- mean predictive entropy in nats.
 - :class:`PassAtK`, :class:`AvgAtK` -- unbiased pass@k (Chen et al., 2021) and avg@k.
-- :func:`extract_boxed`, :func:`is_correct`, :func:`answers_correct` -- answer checking.
+- :func:`grade`, :func:`is_correct`, :func:`answers_correct`, :func:`extract_answer` -- answer
+  checking (one checker for evaluation and the RL reward; ``answers`` module docstring).
 
 :func:`diversity_and_accuracy` computes the usual set in one call.
 
@@ -18,7 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sedsft.metrics.answers import answers_correct, extract_boxed, is_correct
+from sedsft.metrics.answers import (
+    Verdict,
+    answers_correct,
+    extract_answer,
+    extract_boxed,
+    grade,
+    grading_counts,
+    is_correct,
+)
 from sedsft.metrics.distinct import DistinctN, Tokenizer, UndefinedMetricWarning
 from sedsft.metrics.pass_at_k import AvgAtK, PassAtK
 from sedsft.metrics.self_bleu import SelfBLEU
@@ -26,6 +35,7 @@ from sedsft.metrics.token_entropy import TokenEntropy
 
 __all__ = [
     "AvgAtK",
+    "Verdict",
     "DistinctN",
     "PassAtK",
     "SelfBLEU",
@@ -33,7 +43,10 @@ __all__ = [
     "UndefinedMetricWarning",
     "answers_correct",
     "diversity_and_accuracy",
+    "extract_answer",
     "extract_boxed",
+    "grade",
+    "grading_counts",
     "is_correct",
 ]
 
