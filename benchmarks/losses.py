@@ -43,7 +43,8 @@ import time
 import torch
 from measure import read_peak, reset_peak, timed_cpu
 
-from sedsft.losses import LOSS_NAMES, build_loss, topk_mass
+from sedsft.losses import LOSS_NAMES, build_loss
+from sedsft.losses.sed import topk_mass
 
 PATHS = ("dense", "chunked", "fused_dense", "fused")
 # Benchmark names -> (loss name, knobs); every registered loss is also available under its

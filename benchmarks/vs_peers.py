@@ -219,7 +219,7 @@ def collate_batches(args, tokenizer, examples) -> list[dict]:
 def sed_tau(args, model, batches) -> float:
     """tau with 30% of the target positions of the first batches below it (the release's
     cumsum_ratio 0.7), from the initial model: calibrated once, outside the timed runs."""
-    from sedsft.losses import tau_from_topk_mass, topk_mass
+    from sedsft.losses.sed import tau_from_topk_mass, topk_mass
 
     masses = []
     with torch.no_grad():

@@ -6,7 +6,7 @@
 ``ckpt`` is any layout ``sedsft.checkpoints`` reads (single file, sharded FSDP directory,
 DeepSpeed directory). The run config stored in the checkpoint rebuilds the model, the
 checkpoint's weights replace the base ones, and ``out`` receives ``save_pretrained``
-weights, the tokenizer with its chat template, and ``sedsft.json`` (loss, tau). LoRA runs
+weights, the tokenizer with its chat template, and ``sedsft.json`` (the loss and its state). LoRA runs
 are merged into full weights (``merge=true``, a QLoRA adapter into the full-precision base)
 or written as the adapter alone (``merge=false``).
 """
@@ -22,10 +22,10 @@ from omegaconf import OmegaConf
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 
 from sedsft.checkpoints import (  # noqa: E402
-    checkpoint_tau,
     load_checkpoint,
     loss_from_stored,
     loss_meta,
+    loss_state,
     model_from_checkpoint,
     save_hf,
 )
@@ -40,10 +40,7 @@ def export(ckpt: str, out: str, merge: bool = True, dtype: str | None = None, mo
     lm, tokenizer, config = model_from_checkpoint(checkpoint, ckpt, model)
     if dtype is not None:
         lm.to(resolve_dtype(dtype))
-    loss = loss_from_stored(config.get("loss") or {}, ckpt)
-    tau = checkpoint_tau(checkpoint)
-    if tau is not None and hasattr(loss, "set_tau"):
-        loss.set_tau(tau)
+    loss = loss_from_stored(config.get("loss") or {}, ckpt, state=loss_state(checkpoint))
     return save_hf(lm, tokenizer, out, meta=loss_meta(loss), merge=merge)
 
 

@@ -22,7 +22,7 @@ import lightning as L
 import torch
 
 from conftest import ROOT, compose_config
-from sedsft.losses import tau_from_topk_mass
+from sedsft.losses.sed import tau_from_topk_mass
 from sedsft.losses.sed.calibration import collect_topk_mass
 from sedsft.sft.training import build
 

@@ -19,16 +19,9 @@ from loss_references import (
     missing_reference_message,
     reference,
 )
-from sedsft.losses import (
-    LOSS_NAMES,
-    LOSSES,
-    SEDLoss,
-    TokenLoss,
-    build_loss,
-    tau_from_topk_mass,
-    topk_mass,
-)
-from sedsft.losses.engine import plan_chunks, topk_logits
+from sedsft.losses import LOSS_NAMES, LOSSES, TokenLoss, build_loss
+from sedsft.losses.engine import ChunkResult, plan_chunks, topk_logits
+from sedsft.losses.sed import SEDLoss, tau_from_topk_mass, topk_mass
 
 IGNORE = -100
 
@@ -91,13 +84,35 @@ def make_loss(name, kw, analytic=True, **extra):
     return loss_fn
 
 
-def test_every_loss_is_covered_and_every_builtin_has_an_analytic_gradient():
+def test_every_loss_is_covered_and_what_it_provides_is_read_off_its_class():
+    """The cases come from the registry alone: every registered loss runs the reference
+    tests, and every one whose class defines ``chunk`` (itself or by inheritance) also the
+    analytic-vs-autograd test; adding ``chunk`` to a loss edits no test."""
     assert {n for n, _ in CONFIGS} == set(LOSS_NAMES)
     assert {"ce", "sed", "sed_nomask", "gem", "dft", "entropy", "label_smoothing"} <= set(
         LOSS_NAMES
     )
-    assert {n for n, _ in ANALYTIC} == {"ce", "sed", "sed_nomask", "gem", "dft", "entropy"}
-    assert not LOSSES["label_smoothing"].has_analytic_gradient()
+
+    class ValueOnly(TokenLoss, register=False):
+        name = "value_only"
+
+        def value(self, z, y):
+            return torch.logsumexp(z, -1)
+
+    class WithChunk(ValueOnly, register=False):
+        name = "with_chunk"
+
+        def chunk(self, c):
+            return ChunkResult(c.lse)
+
+    class Inherits(WithChunk, register=False):
+        name = "inherits"
+
+    assert not ValueOnly.has_analytic_gradient()
+    assert WithChunk.has_analytic_gradient() and Inherits.has_analytic_gradient()
+    own = {n: [c for c in LOSSES[n].__mro__ if issubclass(c, TokenLoss) and c is not TokenLoss] for n in LOSS_NAMES}
+    defines_chunk = {n for n, classes in own.items() if any("chunk" in vars(c) for c in classes)}
+    assert {n for n, _ in ANALYTIC} == defines_chunk
 
 
 def test_every_registered_loss_has_an_independent_reference():
@@ -209,10 +224,10 @@ def test_autograd_path_is_chunked_and_keeps_the_caller_graph_apart(monkeypatch, 
     """The autograd path runs one local graph per block of a chunk (value sees at most
     chunk_size rows, and at most AUTOGRAD_BLOCK_ELEMS logits) and never writes into the
     caller's logits."""
-    import sedsft.losses.base as base
+    import sedsft.losses.engine as engine
 
     if block_elems:
-        monkeypatch.setattr(base, "AUTOGRAD_BLOCK_ELEMS", block_elems)  # 2 rows of V = 30
+        monkeypatch.setattr(engine, "AUTOGRAD_BLOCK_ELEMS", block_elems)  # 2 rows of V = 30
     seen = []
 
     class Probe(TokenLoss, register=False):

@@ -48,7 +48,8 @@ from sedsft.models.hf import CausalLMSpec
 from sedsft.models.lora import is_peft, save_lora
 
 MODEL_PREFIX = "model."  # SFTModule keeps the Hugging Face model under ``self.model``
-META_FILE = "sedsft.json"  # written next to every export: loss name, tau
+LOSS_PREFIX = "loss_fn."  # ... and its loss under ``self.loss_fn`` (whose buffers hold its state)
+META_FILE = "sedsft.json"  # written next to every export: the loss and its state (export_meta)
 
 
 def hf_directory(path: str | Path) -> Path | None:
@@ -280,9 +281,10 @@ def model_from_checkpoint(
     return model, tokenizer, config
 
 
-def loss_from_stored(loss: dict, source: str | Path = "checkpoint") -> nn.Module:
+def loss_from_stored(loss: dict, source: str | Path = "checkpoint", state: dict | None = None) -> nn.Module:
     """The loss a checkpoint's stored ``loss`` config names, built through the loss registry
-    (``sedsft.losses.build_loss``), never by instantiating a stored ``_target_``."""
+    (``sedsft.losses.build_loss``), never by instantiating a stored ``_target_``; ``state``
+    (``loss_state``) loads what it prepared before training back into it."""
     from sedsft.losses import build_loss
 
     knobs = dict(loss)
@@ -292,15 +294,22 @@ def loss_from_stored(loss: dict, source: str | Path = "checkpoint") -> nn.Module
             f"{source}: the stored loss config names _target_={target!r}; only sedsft.losses.build_loss "
             "with a registered loss name is built from a checkpoint"
         )
-    return build_loss(**knobs)
+    loss_fn = build_loss(**knobs)
+    if state is not None:
+        missing, unexpected = loss_fn.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{source}: the checkpoint's loss state {sorted(state)} does not fit loss "
+                f"{knobs['name']!r} (missing {missing}, unexpected {unexpected}); was it written "
+                "by another version of that loss?"
+            )
+    return loss_fn
 
 
-def checkpoint_tau(checkpoint: dict) -> float | None:
-    """SED's calibrated ``tau`` stored in a Lightning checkpoint (None for other losses)."""
-    tau = checkpoint["state_dict"].get("loss_fn.tau")
-    if tau is None or torch.isnan(tau).item():
-        return None
-    return float(tau)
+def loss_state(checkpoint: dict) -> dict:
+    """The loss's own state in a Lightning checkpoint (its buffers, e.g. a calibrated
+    threshold), keys relative to the loss module."""
+    return {k[len(LOSS_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(LOSS_PREFIX)}
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "auto") -> tuple[nn.Module, Any]:
@@ -326,7 +335,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "auto") -> tuple[nn.
 
 
 def read_meta(directory: str | Path) -> dict:
-    """The ``sedsft.json`` of an export (loss name, tau), or ``{}`` when absent."""
+    """The ``sedsft.json`` of an export (loss and its state), or ``{}`` when absent."""
     path = Path(directory) / META_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
 
@@ -358,9 +367,8 @@ def save_hf(
 
 
 def loss_meta(loss_fn: nn.Module | None) -> dict:
-    """What an export records of the loss that trained it."""
+    """What an export records of the loss that trained it: its class and its state
+    (``TokenLoss.export_meta``)."""
     if loss_fn is None:
         return {}
-    tau = getattr(loss_fn, "tau", None)
-    tau = None if tau is None or torch.isnan(torch.as_tensor(tau)).item() else float(tau)
-    return {"loss": type(loss_fn).__name__, "tau": tau}
+    return {"loss": type(loss_fn).__name__, **loss_fn.export_meta()}

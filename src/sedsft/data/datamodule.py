@@ -61,7 +61,7 @@ class SFTDataModule(L.LightningDataModule):
         num_proc: processes for tokenisation (None: in-process).
         packing: training micro-batches become one row without padding, examples kept
             apart by restarting ``position_ids`` (``sedsft.data.packing``); evaluation and
-            calibration batches stay padded.
+            preparation (``heldout_dataloader``) batches stay padded.
         path: unused here: ``data=local`` sets ``data.path`` once for its sources to read.
     """
 
@@ -251,9 +251,10 @@ class SFTDataModule(L.LightningDataModule):
         """The held-out split (SFT data sets here have no separate test split)."""
         return self.val_dataloader()
 
-    def calibration_dataloader(self, num_examples: int) -> DataLoader:
+    def heldout_dataloader(self, num_examples: int) -> DataLoader:
         """The first ``num_examples`` held-out examples (training ones when there is no
-        held-out split), padded, in order: what SED's ``tau`` is calibrated on."""
+        held-out split), padded, in order: what a loss prepares itself on before training
+        (``TokenLoss.prepare``)."""
         split = "val" if "val" in self.splits else "train"
         dataset = self.splits[split].dataset
         subset = dataset.select(range(min(num_examples, len(dataset))))

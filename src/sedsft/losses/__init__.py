@@ -1,35 +1,27 @@
 """Token-level SFT losses (CE, SED-SFT and baselines) on a chunked, memory-bounded engine.
 
-``build_loss(name, **knobs)`` returns a ``torch.nn.Module``; call it on aligned
-``(logits, labels)`` or use ``.fused(hidden, lm_head_weight, labels)``; both return a
-``LossOutput``. Every ``TokenLoss`` subclass in a module of this package is registered
-under its ``name`` (``base.py`` states the contract; README "Add a loss").
+``build_loss(name, **knobs)`` returns a ``TokenLoss`` (a ``torch.nn.Module``); call it on
+aligned ``(logits, labels)`` or use ``.fused(hidden, lm_head_weight, labels)``; both return
+a ``LossOutput``. ``base.py`` states the contract, ``engine.py`` runs it.
+
+What is registered has one source: every ``TokenLoss`` subclass with a ``name`` in a module
+of this package registers itself, and ``registry.py`` imports every such module; nothing
+here lists the losses. A loss class is ``LOSSES[name]`` (or its own module's), and what it
+provides is read off the class: ``has_analytic_gradient()``, ``needs_preparation``,
+``extra_metrics``, its knobs (``loss_knobs``). README: Add a loss.
 """
 
 from sedsft import IGNORE_INDEX
-from sedsft.losses.base import LossOutput, TokenLoss
-from sedsft.losses.ce import CELoss
-from sedsft.losses.dft import DFTLoss
-from sedsft.losses.entropy import EntropyLoss
-from sedsft.losses.gem import GEMLoss
+from sedsft.losses.base import LossOutput, Preparation, TokenLoss
 from sedsft.losses.registry import LOSS_NAMES, LOSSES, build_loss, loss_knobs
-from sedsft.losses.sed import SEDLoss, SEDNoMaskLoss, calibrate_tau, tau_from_topk_mass, topk_mass
 
 __all__ = [
     "IGNORE_INDEX",
     "LOSSES",
     "LOSS_NAMES",
-    "CELoss",
-    "DFTLoss",
-    "EntropyLoss",
-    "GEMLoss",
     "LossOutput",
-    "SEDLoss",
-    "SEDNoMaskLoss",
+    "Preparation",
     "TokenLoss",
     "build_loss",
-    "calibrate_tau",
     "loss_knobs",
-    "tau_from_topk_mass",
-    "topk_mass",
 ]

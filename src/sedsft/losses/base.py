@@ -12,6 +12,16 @@ A loss is one subclass of ``TokenLoss`` in one file under ``sedsft/losses/``:
 - ``chunk(c)`` (optional): the same loss with a hand-derived gradient written into
   ``c.buf``, reusing the engine's softmax; a speed-up only, checked against ``value``'s
   autograd gradient by the tests for every loss that has one.
+- a setting measured on the initial model before training (optional; SED's calibrated
+  ``tau``): ``needs_preparation`` says it is still missing, ``prepare(Preparation)``
+  measures it through the training forward on held-out batches, ``check_model`` refuses
+  knobs the model cannot honour. The training stage calls these and nothing else, so it
+  never names a loss's knobs.
+- state: what a loss measured lives in its registered buffers (``register_buffer``), so it
+  travels with the module's ``state_dict``: in the Lightning checkpoint (a resumed run does
+  not prepare again) and back into a loss rebuilt from it (``load_state_dict``); an export
+  records it in ``sedsft.json`` through ``export_meta`` (by default every buffer, as plain
+  numbers).
 
 The tests hold, for every registered name, a float64 reference written from the paper's
 formula apart from this code (``tests/loss_references.py``): ``value`` and ``chunk`` are
@@ -20,19 +30,25 @@ checked against it, so a wrong formula cannot pass by agreeing with itself.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from sedsft.losses.engine import Chunk, ChunkResult, fused_loss, logits_loss
+from sedsft.losses.engine import (
+    Chunk,
+    ChunkResult,
+    PerToken,
+    autograd_chunk,
+    fused_loss,
+    logits_loss,
+)
 
 # name -> loss class, filled by TokenLoss.__init_subclass__ (read it through registry.py).
 REGISTRY: dict[str, type[TokenLoss]] = {}
-# Logits per autograd block (16 MiB in float32): below glibc's largest mmap threshold (32 MiB),
-# so the temporaries of one block are reused by the next instead of faulted in afresh.
-AUTOGRAD_BLOCK_ELEMS = 1 << 22
 
 
 @dataclass
@@ -49,6 +65,23 @@ class LossOutput:
     num_tokens: int
     metrics: dict[str, Tensor]
     token_stats: dict[str, Tensor] | None = None
+
+
+@dataclass
+class Preparation:
+    """What the training stage hands a loss that prepares itself (``TokenLoss.prepare``).
+
+    ``step(batch, token_stats=..., labels=..., loss_fn=...)``: the training forward on one
+    padded batch (fused path included), returning a ``LossOutput``; ``labels`` [B, T]
+    choose the positions and ``loss_fn`` a probe loss whose token statistics are read.
+    ``heldout(n)``: the first ``n`` held-out examples as padded batches, in order.
+    ``broadcast(tensor)``: rank 0's value on every rank (every rank runs ``step``: sharded
+    strategies need them all), or None in a single process.
+    """
+
+    step: Callable[..., LossOutput]
+    heldout: Callable[[int], Iterable[dict[str, Tensor]]]
+    broadcast: Callable[[Tensor], Tensor] | None = None
 
 
 def check(ok: bool, message: str) -> None:
@@ -120,7 +153,7 @@ class TokenLoss(nn.Module):
         self.analytic = True
 
     # -- what a loss states ---------------------------------------------------------------
-    def value(self, z: Tensor, y: Tensor) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+    def value(self, z: Tensor, y: Tensor) -> PerToken:
         """Per-token loss [C] of logits ``z`` [C, V] (float32, or float64 in the tests) and
         targets ``y`` [C] int64, differentiable in ``z``; optionally also a dict of extra
         per-token metrics [C] (names listed in ``extra_metrics``), averaged over tokens."""
@@ -143,12 +176,45 @@ class TokenLoss(nn.Module):
     def _before_call(self) -> None:
         """Checks that the loss can run (SED: ``tau`` known)."""
 
+    # -- what a loss may prepare before training, and keep ------------------------------------
+    @property
+    def needs_preparation(self) -> bool:
+        """True while a setting still has to be measured on the initial model (SED: ``tau``
+        not given and not yet calibrated). The training stage then calls ``prepare`` once,
+        before the first step, unless it resumes from a checkpoint (which holds the state)."""
+        return False
+
+    def prepare(self, prep: Preparation) -> dict[str, float]:
+        """Measure the missing setting in place, the same on every rank; return the scalars
+        to log and keep in the run's ``metrics.json``, under their logged names."""
+        raise NotImplementedError(
+            f"{type(self).__name__} reports needs_preparation but defines no prepare(prep)"
+        )
+
+    def check_model(self, vocab_size: int, model_name: str) -> None:
+        """Raise ``ValueError`` naming the ``loss.<knob>`` when a knob cannot run on this
+        model (SED: ``top_k`` larger than the vocabulary), before any step is taken."""
+
+    def export_meta(self) -> dict[str, Any]:
+        """What an export's ``sedsft.json`` records of this loss's state: every buffer as a
+        plain number (a list for a tensor of several values), ``None`` for one still unset
+        (NaN). Override to record something else."""
+        meta: dict[str, Any] = {}
+        for name, buf in self.named_buffers():
+            values = buf.detach().double().cpu()
+            if values.numel() == 1:
+                value = float(values)
+                meta[name] = None if math.isnan(value) else value
+            else:
+                meta[name] = values.tolist()
+        return meta
+
     # -- what the engine calls ---------------------------------------------------------------
     def run_chunk(self, c: Chunk) -> ChunkResult:
         """The analytic ``chunk`` when there is one and ``analytic`` is on, else autograd."""
         if self.analytic and self.has_analytic_gradient():
             return self.chunk(c)
-        return autograd_chunk(self, c)
+        return autograd_chunk(self.value, c)
 
     # -- entry points -----------------------------------------------------------------------
     def forward(
@@ -188,38 +254,6 @@ class TokenLoss(nn.Module):
         denom = max(n, 1)
         metrics = {name: (value / denom).detach() for name, value in result.metric_sums.items()}
         return LossOutput(loss_sum / denom, loss_sum, n, metrics, result.token_stats)
-
-
-def split_value(out: Tensor | tuple[Tensor, dict[str, Tensor]]) -> tuple[Tensor, dict[str, Tensor]]:
-    """``value``'s answer as (per-token loss, extras)."""
-    return out if isinstance(out, tuple) else (out, {})
-
-
-def autograd_chunk(loss: TokenLoss, c: Chunk) -> ChunkResult:
-    """One chunk through ``loss.value`` with its gradient by local autograd passes.
-
-    The rows go through in blocks of at most ``AUTOGRAD_BLOCK_ELEMS`` logits, one small
-    graph each, freed before the next: memory stays bounded by the block (a few
-    ``[rows, V]`` float32 temporaries of at most 16 MiB), and blocks that size are
-    recycled by the CPU allocator instead of being mapped afresh (page faults) for every
-    chunk. ``c.z`` may be a view of the caller's logits: it is detached, never written.
-    """
-    rows = max(1, AUTOGRAD_BLOCK_ELEMS // max(c.z.shape[1], 1))
-    parts: list[tuple[Tensor, dict[str, Tensor]]] = []
-    for start in range(0, c.z.shape[0], rows):
-        z, y = c.z[start : start + rows].detach(), c.y[start : start + rows]
-        if not c.need_grad:
-            parts.append(split_value(loss.value(z, y)))
-            continue
-        with torch.enable_grad():
-            z = z.requires_grad_()
-            per, extras = split_value(loss.value(z, y))
-            (grad,) = torch.autograd.grad(per.sum(), z)
-        c.buf[start : start + rows].copy_(grad)
-        parts.append((per, extras))
-    per = torch.cat([p for p, _ in parts]).detach()
-    extras = {k: torch.cat([e[k] for _, e in parts]).detach() for k in parts[0][1]}
-    return ChunkResult(per, extras=extras)
 
 
 def _check_labels(lead_shape: torch.Size, labels: Tensor) -> None:

@@ -1,9 +1,10 @@
 """The engine shared by every token loss: chunking over target rows, float32 math, and
 the gradient computed and stored during the forward (the Liger-Kernel recipe).
 
-A loss only supplies its per-chunk math (``TokenLoss.run_chunk``: the analytic ``chunk`` or
-the autograd pass over ``value``): value, gradient with respect to the chunk's logits, extra
-metrics. Everything else lives here:
+A loss only supplies its per-chunk math (``ChunkedLoss.run_chunk``: its analytic ``chunk``,
+or ``autograd_chunk`` over its ``value``): value, gradient with respect to the chunk's
+logits, extra metrics. Everything else lives here, and nothing here imports the loss
+contract (``base.py`` imports the engine, never the reverse):
 
 - only target rows (label != -100) are touched; they are split into chunks of at most
   ``rows`` rows, and a chunk that is one contiguous run of rows is read (and, for float32,
@@ -20,16 +21,14 @@ metrics. Everything else lives here:
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from sedsft import IGNORE_INDEX
-
-if TYPE_CHECKING:
-    from sedsft.losses.base import TokenLoss
 
 # Elements per float32 [rows, V] chunk buffer (64 MiB). Fewer, bigger chunks mean less
 # per-chunk work and, on the fused path, fewer passes over grad_weight [V, D].
@@ -42,6 +41,9 @@ DEFAULT_CHUNK_ELEMS = 1 << 24
 # logits and of their gradient: no buffer.)
 DEFAULT_CHUNK_ELEMS_FUSED_CPU = 1 << 22
 MIN_FUSED_ROWS = 128
+# Logits per autograd block (16 MiB in float32): below glibc's largest mmap threshold (32 MiB),
+# so the temporaries of one block are reused by the next instead of faulted in afresh.
+AUTOGRAD_BLOCK_ELEMS = 1 << 22
 # Block width of the blocked top-k below: 128 keeps the block-max reduction vectorised; a
 # vocabulary under 4096 gets 16-wide blocks, so that it still has more blocks than 2 k.
 _TOPK_BLOCK = 128
@@ -95,6 +97,53 @@ class ChunkResult:
     loss: Tensor
     row_scale: Tensor | None = None
     extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+class ChunkedLoss(Protocol):
+    """What the engine needs of a loss (``TokenLoss`` is the one implementation)."""
+
+    chunk_size: int | None
+    extra_metrics: tuple[str, ...]
+
+    @property
+    def stats_top_k_effective(self) -> int: ...
+
+    def run_chunk(self, c: Chunk) -> ChunkResult: ...
+
+
+PerToken = Tensor | tuple[Tensor, dict[str, Tensor]]  # a loss's value(z, y): per-token [C], extras
+
+
+def split_value(out: PerToken) -> tuple[Tensor, dict[str, Tensor]]:
+    """``value``'s answer as (per-token loss, extras)."""
+    return out if isinstance(out, tuple) else (out, {})
+
+
+def autograd_chunk(value: Callable[[Tensor, Tensor], PerToken], c: Chunk) -> ChunkResult:
+    """One chunk through a loss's ``value(z, y)`` with its gradient by local autograd passes.
+
+    The rows go through in blocks of at most ``AUTOGRAD_BLOCK_ELEMS`` logits, one small
+    graph each, freed before the next: memory stays bounded by the block (a few
+    ``[rows, V]`` float32 temporaries of at most 16 MiB), and blocks that size are
+    recycled by the CPU allocator instead of being mapped afresh (page faults) for every
+    chunk. ``c.z`` may be a view of the caller's logits: it is detached, never written.
+    """
+    rows = max(1, AUTOGRAD_BLOCK_ELEMS // max(c.z.shape[1], 1))
+    parts: list[tuple[Tensor, dict[str, Tensor]]] = []
+    for start in range(0, c.z.shape[0], rows):
+        z, y = c.z[start : start + rows].detach(), c.y[start : start + rows]
+        if not c.need_grad:
+            parts.append(split_value(value(z, y)))
+            continue
+        with torch.enable_grad():
+            z = z.requires_grad_()
+            per, extras = split_value(value(z, y))
+            (grad,) = torch.autograd.grad(per.sum(), z)
+        c.buf[start : start + rows].copy_(grad)
+        parts.append((per, extras))
+    per = torch.cat([p for p, _ in parts]).detach()
+    extras = {k: torch.cat([e[k] for _, e in parts]).detach() for k in parts[0][1]}
+    return ChunkResult(per, extras=extras)
 
 
 def subtract_onehot_(buf: Tensor, y: Tensor, value: Tensor | float = 1.0) -> Tensor:
@@ -410,7 +459,7 @@ class RunResult:
 
 
 def run_chunks(
-    loss: TokenLoss,
+    loss: ChunkedLoss,
     source: _LogitsSource | _LinearSource,
     y: Tensor,
     plan: list[tuple[int, int, int | None]],
@@ -463,7 +512,7 @@ def run_chunks(
 
 
 def _run(
-    loss: TokenLoss,
+    loss: ChunkedLoss,
     source: _LogitsSource | _LinearSource,
     labels: Tensor,
     need_grad: bool,
@@ -482,7 +531,7 @@ def _run(
 
 
 def logits_loss(
-    loss: TokenLoss, logits: Tensor, labels: Tensor, token_stats: bool
+    loss: ChunkedLoss, logits: Tensor, labels: Tensor, token_stats: bool
 ) -> tuple[Tensor, RunResult]:
     """Run the engine over ``logits`` [..., V]; returns (differentiable loss sum, result)."""
     if torch.is_grad_enabled() and logits.requires_grad:
@@ -515,7 +564,7 @@ class _LogitsFn(torch.autograd.Function):
 
 
 def fused_loss(
-    loss: TokenLoss,
+    loss: ChunkedLoss,
     hidden: Tensor,
     weight: Tensor,
     bias: Tensor | None,

@@ -20,7 +20,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from sedsft.losses.sed import calibration
+from sedsft.losses.base import Preparation, TokenLoss
 from sedsft.models.hf import CausalLMSpec
 from sedsft.sft import logging as runlog
 from sedsft.sft.callbacks.final_validation import ValidateAtEnd
@@ -36,7 +36,8 @@ class SFTModule(L.LightningModule):
 
     Args:
         lm: what to load (``CausalLMSpec``); weights are built in ``configure_model``.
-        loss: a loss module from ``sedsft.losses.build_loss`` (holds SED's ``tau``).
+        loss: a loss from ``sedsft.losses.build_loss``; what it prepares before training
+            (``TokenLoss.prepare``) lives in its buffers, so checkpoints carry it.
         optimizer: partial optimiser, finished with the model's parameters.
         scheduler: partial schedule ``f(optimizer, num_training_steps)``, or None.
         tokenizer: saved with checkpoints and exports so they describe themselves.
@@ -53,7 +54,7 @@ class SFTModule(L.LightningModule):
     def __init__(
         self,
         lm: CausalLMSpec,
-        loss: nn.Module,
+        loss: TokenLoss,
         optimizer: Callable[..., torch.optim.Optimizer],
         scheduler: Callable[..., Any] | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
@@ -79,7 +80,7 @@ class SFTModule(L.LightningModule):
         self.weight_decay_1d = weight_decay_1d
         self.model: nn.Module | None = None
         self.run_config: dict | None = None  # set by train.py; stored in checkpoints
-        # Scalars measured outside Lightning's loops (calibration), for the run's metrics.json.
+        # Scalars measured outside Lightning's loops (the loss's preparation), for metrics.json.
         self.run_metrics: dict[str, float] = {}
         self._window_tokens = 0
         self._histogram_values: dict[str, list[torch.Tensor]] = {}
@@ -98,13 +99,8 @@ class SFTModule(L.LightningModule):
         """Start-up checks that need the model, so that they fail before the first step."""
         head = self.model.get_output_embeddings()
         vocab = getattr(head, "out_features", None) or getattr(self.model.config, "vocab_size", None)
-        knobs = {name: getattr(self.loss_fn, name, None) for name in ("top_k", "calib_top_k")}
-        for name, k in knobs.items():
-            if vocab is not None and isinstance(k, int) and k > vocab:
-                raise ValueError(
-                    f"loss.{name}={k} is larger than the vocabulary of {self.lm_spec.name_or_path} "
-                    f"({vocab} tokens); allowed: 1 to {vocab}"
-                )
+        if vocab is not None:
+            self.loss_fn.check_model(int(vocab), self.lm_spec.name_or_path)
         self.use_fused()  # raises when module.fused_loss=true cannot be honoured
 
     def fused_path_available(self) -> tuple[bool, str]:
@@ -135,8 +131,8 @@ class SFTModule(L.LightningModule):
         labels: torch.Tensor | None = None,
         loss_fn: nn.Module | None = None,
     ):
-        """Forward + loss for one micro-batch; shared by train / val / test and by SED's
-        calibration (which passes its own ``labels`` [B, T] and a probe ``loss_fn``).
+        """Forward + loss for one micro-batch; shared by train / val / test and by a loss
+        preparing itself (``TokenLoss.prepare``: its own ``labels`` [B, T], a probe ``loss_fn``).
 
         Labels are shifted here, once: position ``t`` predicts token ``t + 1``.
         """
@@ -256,26 +252,26 @@ class SFTModule(L.LightningModule):
         for name, chunks in values.items():
             runlog.log_histogram(self.trainer, runlog.histogram_key("val", name), torch.cat(chunks)[:HISTOGRAM_SAMPLE])
 
-    # ------------------------------------------------------------------ tau calibration
+    # ------------------------------------------------------------------ loss preparation
     def on_fit_start(self) -> None:
-        # A resumed run takes tau from its checkpoint; strategies that restore after this
-        # hook (DeepSpeed) have not loaded it yet, so the checkpoint path decides.
-        if getattr(self.loss_fn, "needs_calibration", False) and not self.trainer.ckpt_path:
-            batches = self.trainer.datamodule.calibration_dataloader(self.loss_fn.calib_num_examples)
+        # A resumed run takes the loss's prepared state from its checkpoint; strategies that
+        # restore after this hook (DeepSpeed) have not loaded it yet, so the checkpoint path decides.
+        if self.loss_fn.needs_preparation and not self.trainer.ckpt_path:
+            prep = Preparation(
+                step=self.model_step,
+                heldout=self.trainer.datamodule.heldout_dataloader,
+                broadcast=self.trainer.strategy.broadcast,
+            )
             was_training = self.training
             self.eval()
             try:
-                tau, mask_rate = calibration.calibrate_tau(
-                    self.loss_fn, batches, self.model_step, self.trainer.strategy.broadcast
-                )
+                values = self.loss_fn.prepare(prep)
             finally:
                 self.train(was_training)
-            values = {runlog.key("calibration", "tau"): tau, runlog.key("calibration", "mask_rate"): mask_rate}
             # self.log is not available in on_fit_start: straight to the loggers, and kept
             # for the run's metrics.json.
             runlog.log_scalars(self.trainer, values)
             self.run_metrics.update(values)
-            log.info("calibrated tau=%.4f (mask rate %.3f on calibration positions)", tau, mask_rate)
 
     # ------------------------------------------------------------------ callbacks
     def configure_callbacks(self) -> list[L.Callback]:

@@ -4,7 +4,8 @@ Fine-Tuning", ACL 2026 (arXiv 2602.07464).
 Per target token ``-log p_y + lam * m * (p_y - 1/2)^2`` with the mask
 ``m = 1[c_k < tau]``, ``c_k`` the sum of the k largest probabilities (no gradient through
 ``m``). The regulariser only acts where the model spreads its mass (a large exploration
-space). ``tau`` is calibrated once on the initial model (``calibration.calibrate_tau``).
+space). ``tau`` is calibrated once on the initial model: ``SEDLoss.prepare`` (the loss
+contract's hook the training stage calls) runs ``calibration.calibrate_tau``.
 
 Gradient: ``d (p_y - 1/2)^2 / dz = -2 (p_y - 1/2) p_y (p - e_y)``, so the whole gradient is
 CE's ``p - e_y`` times the per-row factor ``1 - 2 lam m (p_y - 1/2) p_y``: SED costs CE plus
@@ -19,14 +20,18 @@ for the remaining rows only (``sed_mask``).
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from torch import Tensor
 
-from sedsft.losses.base import TokenLoss, check, check_lam, check_positive_int
+from sedsft.losses.base import Preparation, TokenLoss, check, check_lam, check_positive_int
 from sedsft.losses.engine import Chunk, ChunkResult, subtract_onehot_, topk_logits
+from sedsft.losses.sed import calibration
 from sedsft.losses.sed.calibration import CALIB_POSITIONS, tau_from_topk_mass
+
+log = logging.getLogger(__name__)
 
 # Relative slack of the masked bound ``k p_max < tau``: the float32 sum of k terms, each at
 # most p_max, can exceed k p_max by rounding (< k * 2**-23 relative); rows inside the slack
@@ -110,7 +115,8 @@ class SEDLoss(TokenLoss):
         lam: regulariser weight (the release's training script uses 1.0).
         top_k: k of the top-k mass ``c_k`` that decides the mask.
         tau: mask threshold in [0, 1]; ``None`` = calibrate before training
-            (``needs_calibration``). Kept in a buffer, so checkpoints carry it.
+            (``needs_calibration``, ``prepare``). Kept in a buffer, so checkpoints carry it
+            and exports record it (``export_meta``).
         cumsum_ratio: calibration keeps this fraction of positions at or above ``tau``.
         calib_top_k: k used during calibration; ``None`` = ``top_k``. The release
             calibrates with 10 and trains with 2 (preset ``sed_release``).
@@ -177,6 +183,29 @@ class SEDLoss(TokenLoss):
     def needs_calibration(self) -> bool:
         return math.isnan(float(self.tau))
 
+    # -- the loss contract's preparation hooks (base.py): calibration of tau --------------
+    @property
+    def needs_preparation(self) -> bool:
+        return self.needs_calibration
+
+    def prepare(self, prep: Preparation) -> dict[str, float]:
+        """Calibrate ``tau`` on the first ``calib_num_examples`` held-out examples; returns
+        ``calibration/tau`` and ``calibration/mask_rate`` (at ``top_k``, on the calibration
+        positions) for the run's logs."""
+        batches = prep.heldout(self.calib_num_examples)
+        # Looked up on the module at call time, so a test can count calibrations.
+        tau, mask_rate = calibration.calibrate_tau(self, batches, prep.step, prep.broadcast)
+        log.info("calibrated tau=%.4f (mask rate %.3f on calibration positions)", tau, mask_rate)
+        return {"calibration/tau": tau, "calibration/mask_rate": mask_rate}
+
+    def check_model(self, vocab_size: int, model_name: str) -> None:
+        for knob, k in (("top_k", self.top_k), ("calib_top_k", self.calib_top_k)):
+            if k is not None and k > vocab_size:
+                raise ValueError(
+                    f"loss.{knob}={k} is larger than the vocabulary of {model_name} "
+                    f"({vocab_size} tokens); allowed: 1 to {vocab_size}"
+                )
+
     def set_tau(self, tau: float) -> None:
         check(
             isinstance(tau, (int, float)) and 0.0 <= tau <= 1.0,
@@ -205,12 +234,17 @@ class SEDLoss(TokenLoss):
                 "(loss.calibrate(topk_masses) or loss.set_tau(value)), or pass tau=..."
             )
 
+    @torch.no_grad()
+    def mask(self, z: Tensor) -> Tensor:
+        """The mask ``1[c_k < tau]`` [C] (0/1 in ``z``'s dtype) of logits ``z`` [C, V] at this loss's
+        ``top_k`` and ``tau``, from the exact ``c_k`` (what ``value`` applies; readers such
+        as the positions report ask the loss instead of restating it)."""
+        lse = torch.logsumexp(z, -1)
+        mass = torch.exp(topk_logits(z, self.top_k) - lse.unsqueeze(1)).sum(-1)
+        return sed_mask(z, lse, z.amax(-1), self.top_k, float(self.tau), mass)
+
     def value(self, z: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        with torch.no_grad():
-            lse = torch.logsumexp(z, -1)
-            mass = torch.exp(topk_logits(z, self.top_k) - lse.unsqueeze(1)).sum(-1)
-            mask = sed_mask(z, lse, z.amax(-1), self.top_k, float(self.tau), mass)
-        return _sed_value(z, y, self.lam, mask)
+        return _sed_value(z, y, self.lam, self.mask(z))
 
     def chunk(self, c: Chunk) -> ChunkResult:
         mask = sed_mask(c.z, c.lse, c.zmax, self.top_k, self._tau, c.topk_mass, c.bmax)
