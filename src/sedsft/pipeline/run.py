@@ -109,14 +109,15 @@ def run_stage(cfg: DictConfig, stage: str, job_dir: Path) -> dict[str, float]:
 
 def run_positions(cfg: DictConfig, job_dir: Path) -> dict[str, float]:
     """Mask rate, top-k mass and accuracy per position kind (style / number / text) of the
-    base and the SFT model on the SFT run's held-out toy problems (at the loss's own tau when
-    it has a fixed one, else at one calibrated on the base); writes
+    base and the SFT model on the SFT run's held-out toy problems, under the mask the report
+    asks of SED's loss (``positions.report_loss``: the SFT loss's own threshold when it fixes
+    one, else calibrated on the base); writes
     ``<job dir>/positions/metrics.json``. Empty (with a warning) on data other than the toy."""
     import hydra
 
     from sedsft.checkpoints import load_model
     from sedsft.data import toy_math
-    from sedsft.evaluation.positions import position_report
+    from sedsft.evaluation.positions import position_report, report_loss
 
     train_cfg = stage_config("train", stage_overrides(cfg, "sft", job_dir))
     val = train_cfg.data.get("val")
@@ -133,11 +134,10 @@ def run_positions(cfg: DictConfig, job_dir: Path) -> dict[str, float]:
     spec = hydra.utils.instantiate(train_cfg.model)
     base = (spec.load_model(), spec.load_tokenizer())
     tuned = load_model(job_dir / "sft")
-    fixed_tau = train_cfg.loss.get("tau")  # a loss run with a fixed tau is measured at it
-    metrics = position_report(
-        base, tuned, rows, top_k=int(cfg.positions.top_k), cumsum_ratio=float(cfg.positions.cumsum_ratio),
-        tau=None if fixed_tau is None else float(fixed_tau),
+    mask = report_loss(
+        OmegaConf.to_container(train_cfg.loss, resolve=True), int(cfg.positions.top_k), float(cfg.positions.cumsum_ratio)
     )
+    metrics = position_report(base, tuned, rows, mask)
     out = job_dir / "positions" / "metrics.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2, sort_keys=True))
