@@ -16,7 +16,6 @@ from transformers import AutoModelForCausalLM
 
 from conftest import compose_config
 from sedsft.data.formats import DataError
-from sedsft.model_paths import CheckpointPathError, resolve_model_path
 
 FAST_RL = ["grpo.max_steps=1", "grpo.generation_batch_size=8", "grpo.num_generations=4",
            "grpo.per_device_train_batch_size=4", "grpo.max_completion_length=8", "data.train.n=8",
@@ -95,12 +94,14 @@ def test_run_directory_without_hf_points_at_its_checkpoint(tmp_path, no_loading)
     run = tmp_path / "sft_run"
     (run / "checkpoints").mkdir(parents=True)
     torch.save({"state_dict": {}}, run / "checkpoints" / "last.ckpt")
-    with pytest.raises(CheckpointPathError) as caught:
+    with pytest.raises(ValueError) as caught:
         train(rl_config(tmp_path, f"policy={run}"))
     message = str(caught.value)
     assert f"policy={run}: a run directory without an hf/ export" in message
     assert f"policy={run / 'checkpoints' / 'last.ckpt'}" in message  # what to pass instead
     # an RL run killed before its export: its newest checkpoint-<step> is a Hugging Face directory
+    from sedsft.model_paths import CheckpointPathError, resolve_model_path
+
     rl_run = tmp_path / "rl_run"
     for step in (25, 100, 50):
         fake_hf_dir(rl_run / "checkpoints" / f"checkpoint-{step}")
@@ -121,7 +122,7 @@ def test_non_checkpoint_file_is_named(tmp_path, no_loading, content, problem):
 
     path = tmp_path / "notes.ckpt"
     path.write_bytes(content)
-    with pytest.raises(CheckpointPathError) as caught:
+    with pytest.raises(ValueError) as caught:
         build_backend("hf", str(path), {"batch_size": 1, "max_batch_tokens": None})
     message = str(caught.value)
     assert message.startswith(f"ckpt={path}: {problem}")
@@ -130,6 +131,8 @@ def test_non_checkpoint_file_is_named(tmp_path, no_loading, content, problem):
 
 def test_safetensors_file_and_missing_path(tmp_path):
     from safetensors.torch import save_file
+
+    from sedsft.model_paths import CheckpointPathError, resolve_model_path
 
     weights = tmp_path / "model.safetensors"
     save_file({"w": torch.ones(2)}, weights)
