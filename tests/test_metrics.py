@@ -15,7 +15,6 @@ from sedsft.metrics import (
     DistinctN,
     PassAtK,
     SelfBLEU,
-    TokenEntropy,
     UndefinedMetricWarning,
     diversity_and_accuracy,
 )
@@ -283,56 +282,6 @@ def test_self_bleu_reset_and_merge():
     assert int(m1.groups) == 2
     one = value(SelfBLEU(n_gram=2), [["a b c d", "a b c e"], ["x y z", "x y z"]])
     assert float(m1.compute()) == pytest.approx(one)
-
-
-# -------------------------------------------------------------------------- token entropy
-
-
-def test_token_entropy_exact_values():
-    m = TokenEntropy()
-    m.update(torch.zeros(1, 4))  # uniform over 4 -> ln 4
-    assert float(m.compute()) == pytest.approx(math.log(4), abs=1e-6)
-    m = TokenEntropy()
-    m.update(torch.tensor([[0.0, 0.0, -math.inf, -math.inf]]))  # masked vocab -> ln 2, no nan
-    assert float(m.compute()) == pytest.approx(math.log(2), abs=1e-6)
-    m = TokenEntropy()
-    m.update(torch.tensor([[0.0, math.log(3)]]))  # p = (1/4, 3/4)
-    h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))  # 0.5623
-    assert float(m.compute()) == pytest.approx(h, abs=1e-6)
-
-
-def test_token_entropy_mask_chunks_and_dtypes():
-    logits = torch.zeros(2, 3, 4)
-    logits[1, 2] = torch.tensor([0.0, 0.0, -1e4, -1e4])  # ~ two-way uniform
-    mask = torch.tensor([[True, False, False], [False, False, True]])
-    expected = (math.log(4) + math.log(2)) / 2  # mean over the 2 masked positions
-    for chunk in (1, 1024):
-        m = TokenEntropy(chunk_size=chunk)
-        m.update(logits, mask)
-        assert float(m.compute()) == pytest.approx(expected, abs=1e-5)
-    m = TokenEntropy()
-    m.update(logits.bfloat16(), mask)
-    assert float(m.compute()) == pytest.approx(expected, abs=1e-3)
-    with pytest.raises(ValueError, match="mask shape"):
-        m.update(logits, mask[:, :2])
-
-
-def test_token_entropy_values_reset_merge():
-    m = TokenEntropy()
-    m.update_from_values(torch.tensor([1.0, 2.0, 3.0]))
-    assert float(m.compute()) == pytest.approx(2.0)
-    m.update(torch.zeros(2, 4))  # two more positions at ln 4
-    assert float(m.compute()) == pytest.approx((6 + 2 * math.log(4)) / 5, abs=1e-6)
-    m.reset()
-    m.update_from_values(torch.tensor([0.5]))
-    assert float(m.compute()) == pytest.approx(0.5)
-    m1, m2 = TokenEntropy(), TokenEntropy()
-    m1.update_from_values(torch.tensor([1.0]))
-    m2.update_from_values(torch.tensor([2.0, 3.0]))
-    m1.merge_state(m2)
-    assert float(m1.compute()) == pytest.approx(2.0)  # (1 + 2 + 3) / 3, not (1 + 2.5) / 2
-    with pytest.raises(ValueError, match="exactly one"):
-        TokenEntropy().update()
 
 
 # --------------------------------------------------------------------------- pass@k, avg@k

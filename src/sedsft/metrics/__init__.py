@@ -2,7 +2,6 @@
 
 - :class:`DistinctN` -- unique / total n-grams (Li et al., 2016), corpus or per prompt.
 - :class:`SelfBLEU` -- BLEU of each sample against its siblings (Zhu et al., 2018).
-- :class:`TokenEntropy` -- mean predictive entropy in nats.
 - :class:`PassAtK`, :class:`AvgAtK` -- unbiased pass@k (Chen et al., 2021) and avg@k.
 - :func:`grade`, :func:`is_correct`, :func:`answers_correct`, :func:`extract_answer` -- answer
   checking (one checker for evaluation and the RL reward; ``answers`` module docstring).
@@ -31,7 +30,6 @@ from sedsft.metrics.answers import (
 from sedsft.metrics.distinct import DistinctN, Tokenizer, UndefinedMetricWarning
 from sedsft.metrics.pass_at_k import AvgAtK, PassAtK
 from sedsft.metrics.self_bleu import SelfBLEU
-from sedsft.metrics.token_entropy import TokenEntropy
 
 __all__ = [
     "AvgAtK",
@@ -39,7 +37,6 @@ __all__ = [
     "DistinctN",
     "PassAtK",
     "SelfBLEU",
-    "TokenEntropy",
     "UndefinedMetricWarning",
     "answers_correct",
     "diversity_and_accuracy",
