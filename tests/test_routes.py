@@ -199,6 +199,19 @@ def test_cache_keys_follow_the_generators_source(monkeypatch):
     assert RoutesSource().fingerprint() != keys[3]
 
 
+def test_tokenised_data_cache_follows_the_tokenisation_code(monkeypatch, tmp_path):
+    from sedsft.data import chat
+    from sedsft.data.datamodule import SFTDataModule
+    from sedsft.models.tiny import train_tokenizer
+
+    tokenizer = train_tokenizer(toy_math.corpus(50), 400)
+    module = SFTDataModule(tokenizer, RoutesSource(n=8), RoutesSource(split="calibration", n=4), cache_dir=str(tmp_path))
+    before = module._cache_path("train")
+    real = inspect.getsource
+    monkeypatch.setattr(inspect, "getsource", lambda obj: real(obj) + ("\n# edited\n" if obj is chat else ""))
+    assert module._cache_path("train") != before
+
+
 def test_unknown_task_names_the_knob():
     from sedsft.models.tiny import TinyLMSpec
 

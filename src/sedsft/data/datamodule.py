@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,14 @@ import lightning as L
 from torch.utils.data import DataLoader
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from sedsft.data import chat, formats
 from sedsft.data.chat import tokenize_chat
 from sedsft.data.collate import EpochSeededRandomSampler, ResumableDataLoader, SFTCollator
 from sedsft.data.formats import ROW_FIELD, DataError, gold_answer, to_messages, to_prompt
 from sedsft.data.packing import PackingCollator
+from sedsft.utils.code_digest import source_digest
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 4  # bump when tokenisation changes, to invalidate cached data sets
 
 
 @dataclass
@@ -127,7 +129,9 @@ class SFTDataModule(L.LightningDataModule):
         if self.cache_dir is None:
             return None
         key = {
-            "version": CACHE_VERSION,
+            # the code that turns rows into token ids and labels, so a change to it is a new cache
+            # entry without anyone bumping a version (the sources key their generators likewise)
+            "code": source_digest(chat, formats, sys.modules[__name__]),
             "train": self.train_source.fingerprint(),
             "val": None if self.val_source is None else self.val_source.fingerprint(),
             "val_size": self.val_size,
