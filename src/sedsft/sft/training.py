@@ -91,7 +91,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     console.configure_console()
     output_dir = Path(cfg.paths.output_dir)
-    batch = apply_sft_batch(cfg, lightning_world(cfg))  # accumulation from batch.sequences_per_step and the world size
+    batch = apply_sft_batch(cfg, lambda: lightning_world(cfg))  # accumulation from batch.sequences_per_step and the world size
     _announce_run_directory(cfg, output_dir)
     announce(batch)
     validate_config(cfg)  # numeric knobs and data files, before anything is built; logs the global batch

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -203,10 +204,11 @@ def check_normalisation(cfg: DictConfig) -> None:
         )
 
 
-def apply_sft_batch(cfg: DictConfig, world: World) -> SFTBatch | None:
+def apply_sft_batch(cfg: DictConfig, world: World | Callable[[], World]) -> SFTBatch | None:
     """Set ``trainer.accumulate_grad_batches`` from ``batch.sequences_per_step`` and the
-    world size; None (config untouched) when the preset states no global batch. First
-    refuses a strategy that would normalise the loss differently (``check_normalisation``)."""
+    world size (a ``World``, or a function giving it, asked only when needed); None (config
+    untouched) when the preset states no global batch. First refuses a strategy that would
+    normalise the loss differently (``check_normalisation``)."""
     check_normalisation(cfg)
     if not _requested(cfg, "sequences_per_step"):
         if OmegaConf.select(cfg, "trainer.accumulate_grad_batches", default=1) is None:
@@ -218,7 +220,7 @@ def apply_sft_batch(cfg: DictConfig, world: World) -> SFTBatch | None:
     derived = sft_batch(
         int(cfg.batch.sequences_per_step),
         int(cfg.data.batch_size),
-        world,
+        world() if callable(world) else world,
         bool(cfg.batch.get("allow_inexact", False)),
     )
     with open_dict(cfg):
