@@ -278,3 +278,40 @@ def test_strategies_that_cannot_normalise_over_the_accumulated_batch_are_refused
         check_normalisation(cfg)
     cfg.batch.allow_micro_batch_mean = True
     check_normalisation(cfg)
+
+
+def test_unpinned_hub_data_reads_and_logs_the_current_commit(monkeypatch, caplog):
+    """MiroMind rows and hub RL prompts without a revision: the hub's current commit is read,
+    used for the download and logged with the knob that pins it (no network here)."""
+    import datasets
+    import huggingface_hub
+
+    from sedsft.data.sources import HubSource
+
+    seen = {}
+
+    class Info:
+        sha = "0123abcd" * 5
+
+    def load_dataset(name, subset, split, revision):
+        seen["revision"] = revision
+        return datasets.Dataset.from_dict({"question": ["q"] * 3, "response": ["r"] * 3})
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", lambda self, name: Info())
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with caplog.at_level("WARNING"):
+        rows = HubSource("owner/data", rows=[0, 2]).load()
+    assert len(rows) == 2 and seen["revision"] == Info.sha
+    assert f"pin it for the next runs: revision={Info.sha}" in caplog.text.lower()
+    seen.clear()
+    HubSource("owner/data", revision="v1").load()  # a pinned source is not looked up
+    assert seen["revision"] == "v1"
+
+    def offline(self, name):
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "dataset_info", offline)
+    seen.clear()
+    with caplog.at_level("WARNING"):
+        HubSource("owner/data").load()
+    assert seen["revision"] is None and "could not be read (offline)" in caplog.text

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -20,6 +21,7 @@ from sedsft.data import toy_math, toy_routes
 from sedsft.data.formats import PROBLEM_FIELD, DataError, row_problem
 from sedsft.utils.code_digest import source_digest
 
+log = logging.getLogger(__name__)
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
@@ -285,5 +287,23 @@ class HubSource:
         return _digest(asdict(self))
 
     def load(self) -> datasets.Dataset:
-        ds = datasets.load_dataset(self.name, self.subset, split=self.split, revision=self.revision)
+        revision = self.revision or current_revision(self.name)
+        ds = datasets.load_dataset(self.name, self.subset, split=self.split, revision=revision)
         return _select_rows(ds, self.rows, self.name)
+
+
+def current_revision(name: str) -> str | None:
+    """The hub's current commit of data set ``name``, logged so that an unpinned run says
+    which data it read and how to pin it; None (and a warning) when the hub cannot be asked
+    (offline): then ``datasets`` takes whatever it has, unrecorded."""
+    try:
+        from huggingface_hub import HfApi
+
+        sha = HfApi().dataset_info(name).sha
+    except Exception as err:  # offline, no such data set, no access: datasets reports those itself
+        log.warning("%s: no revision given and the hub's current commit could not be read (%s): the data read "
+                    "is not recorded; pin it with revision=<commit> (e.g. data.train.revision=...)", name, err)  # fmt: skip
+        return None
+    log.warning("%s: no revision given; reading the hub's current commit %s. Pin it for the next runs: "
+                "revision=%s (e.g. data.train.revision=%s)", name, sha, sha, sha)  # fmt: skip
+    return sha
