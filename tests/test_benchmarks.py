@@ -29,7 +29,7 @@ from sedsft.evaluation.benchmarks import (
     load_rows,
 )
 from sedsft.evaluation.evaluate import pass_at_k_curve
-from sedsft.evaluation.run import evaluate, results_tables, score_records
+from sedsft.evaluation.run import GradingSettings, evaluate, results_tables, score_records
 from sedsft.evaluation.sampling import PromptSamples
 from sedsft.metrics import is_correct
 
@@ -286,11 +286,17 @@ def test_score_records_hand_computed():
     problems = [SimpleNamespace(gold="1"), SimpleNamespace(gold="2"), SimpleNamespace(gold=None)]
     eval_set = SimpleNamespace(problems=problems, settings=SimpleNamespace(num_samples=4))
     correct = [[True, False, False, False], [True, True, False, False], [None] * 4]
+    grading = [
+        ["correct", "timeout", "no_answer", "no_answer"],
+        ["correct", "correct", "refused", "wrong"],
+        [None] * 4,
+    ]
     records = [
         {
             "completion": f"c{i}{j} and so on",
             "new_tokens": 2,
             "correct": correct[i][j],
+            "grading": grading[i][j],
             "entropy_sum": 1.0 + i,
             "entropy_count": 2,
         }
@@ -305,7 +311,16 @@ def test_score_records_hand_computed():
     assert metrics["pass@4"] == pytest.approx(1.0)
     # entropy: sum of sums / sum of counts = 4 * (1 + 2 + 3) / (12 * 2)
     assert metrics["sampled_entropy"] == pytest.approx(1.0)
-    assert (metrics["num_prompts"], metrics["num_samples"]) == (3.0, 4.0)
+    assert (metrics["num_prompts"], metrics["num_samples"], metrics["num_scored"]) == (
+        3.0,
+        4.0,
+        2.0,
+    )
+    assert (
+        metrics["grading/timeouts"],
+        metrics["grading/refused"],
+        metrics["grading/no_answer"],
+    ) == (1.0, 1.0, 2.0)
     # a backend that measures no entropy leaves the key out
     no_entropy = [{**r, "entropy_sum": None, "entropy_count": 0} for r in records]
     assert "sampled_entropy" not in score_records(no_entropy, eval_set, None)
@@ -330,23 +345,36 @@ def test_results_table_layout():
             "pass@4": 0.9,
             "pass@8": 1.0,
             "self_bleu": 12.5,
+            "temperature": 1.0,
+            "grading/timeouts": 1.0,
         },
         "gsm8k": {
             **common,
             "num_prompts": 3.0,
+            "num_scored": 2.0,  # one row without a readable gold
             "num_samples": 1.0,
+            "temperature": 0.0,
             "pass@1": 2 / 3,
             "avg@1": 2 / 3,
         },
     }
-    text, numbers = results_tables("ce-sft", specs, results)
+    text, numbers = results_tables("ce-sft", specs, results, GradingSettings())
     lines = text.splitlines()
     assert lines[0] == "| Model | AIME24 | GSM8K | Avg. |"
     assert lines[2] == "| ce-sft | 68.75 | 66.67 | 67.71 |"
-    assert (
-        lines[4]
-        == "Accuracy in %; Avg@8: AIME24; pass@1: GSM8K; Avg. is the mean over the columns."
+    assert lines[4] == (
+        "Accuracy in %; Avg@8 (T=1): AIME24; greedy pass@1: GSM8K; Avg. is the mean over the columns."
     )
+    assert lines[5] == (
+        "Answers: last \\boxed{} only (grading.boxed_only=true); each check limited to 5 s "
+        "(grading.timeout_s), past it graded wrong."
+    )
+    assert (
+        lines[6] == "Problems without a readable gold answer, left out of the column: GSM8K 1 of 3."
+    )
+    assert lines[7] == "Answers past the time limit (graded wrong): AIME24 1."
+    results["gsm8k"]["num_samples"], results["gsm8k"]["temperature"] = 8.0, 1.0
+    assert "pass@1 (mean of 8 samples, T=1): GSM8K" in results_tables("x", specs, results)[0]
     assert "| AIME24 | 2 | 8 | 0.5000 | 0.5000 | 0.5000 | 0.5000 | 12.50 | 1.2500 | 10.0 |" in lines
     assert (
         "| GSM8K | 3 | 1 | 0.5000 | 0.5000 | 0.5000 | 0.5000 | — | 1.2500 | 10.0 |" in lines
@@ -359,7 +387,11 @@ def test_results_table_layout():
     assert numbers["table"] == pytest.approx(
         {"aime24": 68.75, "gsm8k": 200 / 3, "average": (68.75 + 200 / 3) / 2}
     )
-    assert numbers["columns"]["aime24"] == {"title": "AIME24", "metric": "avg@8"}
+    assert numbers["columns"]["aime24"] == {
+        "title": "AIME24",
+        "metric": "avg@8",
+        "estimator": "Avg@8 (T=1)",
+    }
 
 
 # --------------------------------------------------- the suite with a scripted backend, resume
@@ -476,7 +508,14 @@ def test_killed_suite_resumes_where_it_stopped(tmp_path, cache_dir, monkeypatch)
         ValueError, match=r"aime24 was sampled with num_samples=8, this run asks for num_samples=4"
     ):
         evaluate(
-            compose_eval(tmp_path / "third", cache_dir, *SUITE, "num_samples=4", f"resume={first}")
+            compose_eval(
+                tmp_path / "third",
+                cache_dir,
+                *SUITE,
+                "num_samples=4",
+                "pass1=sample",
+                f"resume={first}",
+            )
         )
 
 

@@ -10,7 +10,9 @@ prompt to disk at once and a killed run loses at most the prompts in flight.
   for large models; vLLM only returns top-k log-probabilities, so its entropy is the top-k
   truncation (``sampled_entropy_top{k}``), measured only when ``entropy_top_k > 0``.
 
-Both render prompts with the tokenizer's own chat template, identically.
+Both render prompts with the tokenizer's own chat template, identically, stop at the model's
+EOS and at the template's end-of-turn token (``sampling.stop_token_ids``), and decode greedily
+at ``temperature=0`` (one sample per prompt).
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ from typing import Any, Protocol
 
 import torch
 
-from sedsft.evaluation.sampling import PromptSamples, iter_samples, render_prompts
+from sedsft.evaluation.sampling import (
+    PromptSamples,
+    check_greedy,
+    end_of_turn_ids,
+    iter_samples,
+    render_prompts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +133,11 @@ class VLLMBackend:
                 "backend=vllm needs vLLM on a CUDA machine: pip install -e '.[vllm]' (or use backend=hf)"
             ) from err
         self.tokenizer = tokenizer
+        # vLLM stops at the EOS of the model's generation config; the template's end of turn
+        # (and the tokenizer's EOS) are added, as the HF backend does (sampling.stop_token_ids)
+        self.stop_ids = [
+            i for i in (tokenizer.eos_token_id, *end_of_turn_ids(tokenizer)) if i is not None
+        ]
         self.prompts_per_call, self.entropy_top_k = prompts_per_call, entropy_top_k
         self.entropy_key = f"sampled_entropy_top{entropy_top_k}" if entropy_top_k > 0 else None
         self.llm = LLM(
@@ -146,6 +159,7 @@ class VLLMBackend:
     ) -> Iterator[tuple[int, PromptSamples]]:
         from vllm import SamplingParams
 
+        check_greedy(settings.temperature, settings.num_samples)  # vLLM: temperature 0 is greedy
         keys = list(range(len(prompts))) if keys is None else list(keys)
         rendered = render_prompts(self.tokenizer, prompts)
         for start in range(0, len(prompts), self.prompts_per_call):
@@ -161,6 +175,7 @@ class VLLMBackend:
             params = [
                 SamplingParams(
                     n=settings.num_samples,
+                    stop_token_ids=self.stop_ids,
                     temperature=settings.temperature,
                     top_p=settings.top_p,
                     max_tokens=settings.max_new_tokens,

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -35,8 +36,9 @@ from sedsft.data.formats import DataError, gold_answer, to_prompt
 from sedsft.evaluation.backends import Backend, SamplingSettings, build_backend
 from sedsft.evaluation.benchmarks import BenchmarkSpec, Problem, build_problems, load_rows
 from sedsft.evaluation.evaluate import pass_at_k_curve, score_samples
-from sedsft.evaluation.sampling import PromptSamples, Samples
-from sedsft.metrics import UndefinedMetricWarning, answers_correct
+from sedsft.evaluation.sampling import PromptSamples, Samples, check_greedy
+from sedsft.metrics import UndefinedMetricWarning, grade
+from sedsft.metrics.answers import DEFAULT_TIMEOUT_S
 from sedsft.utils import console
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,39 @@ DATA_DEFAULTS = {
     "top_p": 1.0,
 }
 RUN_FILE = "eval_run.json"  # checkpoint, backend and sampling settings of an eval run, for resume
+GRADING_STATUSES = {"timeout": "timeouts", "refused": "refused", "no_answer": "no_answer"}
+
+
+@dataclass(frozen=True)
+class GradingSettings:
+    """How answers are graded (``sedsft.metrics.grade``); stored with the run, because the
+    verdicts in ``samples.jsonl`` were made with them."""
+
+    boxed_only: bool = (
+        True  # False: no box -> "the answer is ..." -> last number (the toolkit's fallbacks)
+    )
+    timeout_s: float = (
+        DEFAULT_TIMEOUT_S  # hard limit of one symbolic check; past it: wrong, counted
+    )
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> GradingSettings:
+        grading = cfg.get("grading") or {}
+        unknown = sorted(set(grading) - {"boxed_only", "timeout_s"})
+        if unknown:
+            raise ValueError(f"grading: unknown keys {unknown}; known: ['boxed_only', 'timeout_s']")
+        settings = cls(**dict(grading))
+        if not settings.timeout_s > 0:
+            raise ValueError(f"grading.timeout_s={settings.timeout_s}: must be > 0 seconds")
+        return settings
+
+    def describe(self) -> str:
+        answers = (
+            "last \\boxed{} only"
+            if self.boxed_only
+            else "last \\boxed{}, else 'the answer is ...', else the last number"
+        )
+        return f"Answers: {answers} (grading.boxed_only={str(self.boxed_only).lower()}); each check limited to {self.timeout_s:g} s (grading.timeout_s), past it graded wrong."
 
 
 def eval_prompts(data_cfg: DictConfig, limit: int | None) -> list[tuple[list[dict], str | None]]:
@@ -105,6 +140,10 @@ def data_eval_set(cfg: DictConfig) -> EvalSet:
 
 
 def _settings(cfg: DictConfig, defaults: dict[str, Any]) -> SamplingSettings:
+    check_greedy(
+        float(_pick(cfg, "temperature", defaults["temperature"])),
+        int(_pick(cfg, "num_samples", defaults["num_samples"])),
+    )
     return SamplingSettings(
         num_samples=int(_pick(cfg, "num_samples", defaults["num_samples"])),
         max_new_tokens=int(_pick(cfg, "max_new_tokens", defaults["max_new_tokens"])),
@@ -129,7 +168,37 @@ def benchmark_eval_set(cfg: DictConfig, spec: BenchmarkSpec) -> EvalSet:
     rows = load_rows(spec)
     problems = build_problems(spec, rows, cfg.get("system_prompt"))
     log.info("%s: %d of %d problems from %s", spec.name, len(problems), len(rows), spec.source)
-    return EvalSet(spec.name, problems, _settings(cfg, asdict(spec)), spec)
+    defaults = asdict(spec)
+    if spec.metric == "pass@1":
+        estimator = cfg.get("pass1") or "greedy"
+        defaults.update(pass1_sampling(estimator))
+        if (
+            estimator == "greedy"
+            and (cfg.get("num_samples") or 1) > 1
+            and cfg.get("temperature") is None
+        ):
+            raise ValueError(
+                f"num_samples={cfg.num_samples} with pass1=greedy: greedy pass@1 takes one answer per problem; "
+                f"pass pass1=mean@{cfg.num_samples} (n samples, the unbiased pass@1) or pass1=sample as well"
+            )
+    return EvalSet(spec.name, problems, _settings(cfg, defaults), spec)
+
+
+def pass1_sampling(estimator: str) -> dict[str, Any]:
+    """Sampling of the pass@1 benchmarks for the ``pass1`` knob: ``greedy`` (temperature 0,
+    one answer: Qwen2.5-Math's toolkit's default), ``sample`` (one draw at the benchmark's
+    temperature), ``mean@<n>`` (n draws at the benchmark's temperature; pass@1 is then the
+    unbiased estimator, the mean accuracy over the n, with far less variance than one draw)."""
+    if estimator == "greedy":
+        return {"temperature": 0.0, "num_samples": 1}
+    if estimator == "sample":
+        return {"num_samples": 1}
+    match = re.fullmatch(r"mean@(\d+)", estimator)
+    if match and int(match.group(1)) >= 1:
+        return {"num_samples": int(match.group(1))}
+    raise ValueError(
+        f"pass1={estimator!r}: unknown; use pass1=greedy, pass1=sample or pass1=mean@<n> (e.g. mean@8)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,13 +206,18 @@ def benchmark_eval_set(cfg: DictConfig, spec: BenchmarkSpec) -> EvalSet:
 
 
 def _records(
-    problem: Problem, samples: PromptSamples, classify: Callable[[str], str] | None
+    problem: Problem,
+    samples: PromptSamples,
+    classify: Callable[[str], str] | None,
+    grading: GradingSettings | None = None,
 ) -> list[dict]:
-    correct = (
-        answers_correct(samples.texts, [problem.gold] * len(samples.texts))
+    grading = grading or GradingSettings()
+    verdicts = [
+        grade(text, problem.gold, problem.question, boxed_only=grading.boxed_only, timeout_s=grading.timeout_s)
         if problem.gold is not None
-        else [None] * len(samples.texts)
-    )
+        else None
+        for text in samples.texts
+    ]  # fmt: skip
     return [
         {
             "prompt_index": problem.index,
@@ -151,7 +225,8 @@ def _records(
             "prompt": problem.question,
             "gold": problem.gold,
             "completion": text,
-            "correct": correct[j],
+            "correct": None if verdicts[j] is None else verdicts[j].correct,
+            "grading": None if verdicts[j] is None else verdicts[j].status,
             "label": classify(text) if classify is not None else None,
             "new_tokens": samples.num_tokens[j],
             "entropy_sum": samples.entropy_sums[j],
@@ -211,6 +286,7 @@ def sample_eval_set(
     path: Path,
     classify: Callable[[str], str] | None = None,
     progress: bool = True,
+    grading: GradingSettings | None = None,
 ) -> list[dict]:
     """Sample every problem of ``eval_set`` not yet complete in ``path``, appending each
     finished problem's records as it completes; at the end ``path`` is rewritten in problem
@@ -237,7 +313,7 @@ def sample_eval_set(
             [p.messages for p in todo], settings, keys=[p.index for p in todo]
         ):
             problem = todo[position]
-            records = _records(problem, samples, classify)
+            records = _records(problem, samples, classify, grading)
             handle.write("".join(json.dumps(r) + "\n" for r in records))
             handle.flush()
             done[problem.index] = records
@@ -286,6 +362,13 @@ def score_records(
         metrics[entropy_key] = entropy
     metrics["num_prompts"] = float(len(groups))
     metrics["num_samples"] = float(k)
+    metrics["num_scored"] = float(sum(gold is not None for gold in golds))
+    temperature = getattr(eval_set.settings, "temperature", None)
+    if temperature is not None:
+        metrics["temperature"] = float(temperature)
+    statuses = [r.get("grading") for r in records]
+    for status, key in GRADING_STATUSES.items():
+        metrics[f"grading/{key}"] = float(statuses.count(status))
     return metrics
 
 
@@ -306,8 +389,26 @@ def table_value(spec: BenchmarkSpec, metrics: dict[str, float]) -> tuple[str, fl
     return key, None if value is None else 100.0 * value
 
 
+def estimator(key: str, metrics: dict[str, float]) -> str:
+    """The name of a table column's estimator, as a reader needs it: ``Avg@8 (T=1)``,
+    ``greedy pass@1``, ``pass@1 (1 sample, T=1)``, ``pass@1 (mean of 8 samples, T=1)`` (the
+    unbiased estimator over n samples)."""
+    n, temperature = int(metrics["num_samples"]), metrics.get("temperature")
+    at = "" if temperature is None else f", T={temperature:g}"
+    if key.startswith("avg@"):
+        return f"Avg@{n}" + (f" (T={temperature:g})" if temperature is not None else "")
+    if key == "pass@1" and temperature == 0:
+        return "greedy pass@1"
+    if key == "pass@1":
+        return f"pass@1 ({'1 sample' if n == 1 else f'mean of {n} samples'}{at})"
+    return key
+
+
 def results_tables(
-    label: str, specs: Sequence[BenchmarkSpec], results: dict[str, dict[str, float]]
+    label: str,
+    specs: Sequence[BenchmarkSpec],
+    results: dict[str, dict[str, float]],
+    grading: GradingSettings | None = None,
 ) -> tuple[str, dict]:
     """Markdown tables (Table 1's layout; diversity; pass@k curves) and the numbers of the
     first, for ``metrics.json``."""
@@ -319,7 +420,9 @@ def results_tables(
     table["average"] = sum(present) / len(present) if present else None
     by_metric: dict[str, list[str]] = {}
     for spec in specs:
-        by_metric.setdefault(columns[spec.name]["metric"], []).append(spec.title)
+        name = estimator(columns[spec.name]["metric"], results[spec.name])
+        columns[spec.name]["estimator"] = name
+        by_metric.setdefault(name, []).append(spec.title)
     head = [
         "Model",
         *(spec.title for spec in specs),
@@ -333,11 +436,9 @@ def results_tables(
         + " |",
         "",
         "Accuracy in %; "
-        + "; ".join(
-            f"{metric.replace('avg', 'Avg')}: {', '.join(titles)}"
-            for metric, titles in by_metric.items()
-        )
+        + "; ".join(f"{metric}: {', '.join(titles)}" for metric, titles in by_metric.items())
         + "; Avg. is the mean over the columns.",
+        *_grading_notes(specs, results, grading),
         "",
         "| Benchmark | problems | samples | distinct-1 | distinct-2 | distinct-3 | distinct-4 | self-BLEU | entropy | new tokens |",
         "|---|" + "---:|" * 9,
@@ -377,6 +478,33 @@ def results_tables(
     return "\n".join(lines), {"table": table, "columns": columns}
 
 
+def _grading_notes(
+    specs: Sequence[BenchmarkSpec],
+    results: dict[str, dict[str, float]],
+    grading: GradingSettings | None,
+) -> list[str]:
+    """How answers were graded, problems left out of a column for want of a readable gold,
+    and checks that ran past the time limit (graded wrong)."""
+    notes = [grading.describe()] if grading is not None else []
+    unscored = [
+        f"{s.title} {int(m['num_prompts'] - m['num_scored'])} of {int(m['num_prompts'])}"
+        for s in specs
+        if "num_scored" in (m := results[s.name]) and m["num_scored"] < m["num_prompts"]
+    ]
+    if unscored:
+        notes.append(
+            "Problems without a readable gold answer, left out of the column: "
+            + "; ".join(unscored)
+            + "."
+        )
+    for key, what in (("timeouts", "past the time limit"), ("refused", "too big to evaluate")):
+        counts = [f"{s.title} {int(results[s.name][f'grading/{key}'])}" for s in specs
+                  if results[s.name].get(f"grading/{key}")]  # fmt: skip
+        if counts:
+            notes.append(f"Answers {what} (graded wrong): " + "; ".join(counts) + ".")
+    return notes
+
+
 def _json(obj: Any) -> str:
     """JSON with undefined values (NaN, e.g. self-BLEU of one sample per prompt) as null."""
 
@@ -404,19 +532,22 @@ def _check_resume(output_dir: Path, cfg: DictConfig, eval_sets: Sequence[EvalSet
     current = {
         "ckpt": str(cfg.ckpt),
         "backend": cfg.backend,
+        "grading": asdict(GradingSettings.from_config(cfg)),
         "sets": {s.name or "data": asdict(s.settings) for s in eval_sets},
     }
     if previous is not None:
         was_data, is_data = "data" in previous["sets"], "data" in current["sets"]
-        if was_data != is_data:  # the two kinds write different metrics.json files into the same place
+        if (
+            was_data != is_data
+        ):  # the two kinds write different metrics.json files into the same place
             asked = "the data= set" if is_data else f"benchmarks {sorted(current['sets'])}"
             had = "the data= set" if was_data else f"benchmarks {sorted(previous['sets'])}"
             raise ValueError(
                 f"resume={output_dir}: it evaluated {had}, this run asks for {asked}; resume only an "
                 "evaluation of the same kind, or start a fresh run (no resume=)"
             )
-        for key in ("ckpt", "backend"):
-            if previous[key] != current[key]:
+        for key in ("ckpt", "backend", "grading"):
+            if previous.get(key, current[key]) != current[key]:  # runs before grading: no key
                 raise ValueError(
                     f"resume={output_dir}: it was sampled with {key}={previous[key]}, this run has "
                     f"{key}={current[key]}; use the same {key} or start a fresh run (no resume=)"
@@ -463,12 +594,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         hydra.utils.get_method(cfg.sample_classifier) if cfg.get("sample_classifier") else None
     )
     progress = bool(cfg.get("progress", True))
+    grading = GradingSettings.from_config(cfg)
 
     results = {}
     for eval_set in eval_sets:
         directory = eval_set.directory(output_dir)
         records = sample_eval_set(
-            backend, eval_set, directory / "samples.jsonl", classify, progress
+            backend, eval_set, directory / "samples.jsonl", classify, progress, grading
         )
         metrics = score_records(records, eval_set, backend.entropy_key, classify)
         if eval_set.spec is not None:
@@ -484,20 +616,25 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         count, k = int(metrics["num_prompts"]), eval_sets[0].settings.num_samples
         title = f"{cfg.ckpt}: {count} prompts x {k} samples"
         print(f"\n{console.format_table(dict(sorted(metrics.items())), title)}", flush=True)
-        print(f"all metrics: {output_dir / 'metrics.json'}; samples: {output_dir / 'samples.jsonl'}\n{console.METRIC_KEY}")
+        print(
+            f"all metrics: {output_dir / 'metrics.json'}; samples: {output_dir / 'samples.jsonl'}\n{console.METRIC_KEY}"
+        )
         return metrics
 
     label = cfg.get("label") or str(cfg.ckpt)
-    text, numbers = results_tables(label, specs, results)
+    text, numbers = results_tables(label, specs, results, grading)
     summary = {
         "ckpt": str(cfg.ckpt),
         "label": label,
         "backend": cfg.backend,
+        "grading": asdict(grading),
         **numbers,
         "benchmarks": {s.name: {**results[s.name], "source": s.source} for s in specs},
     }
     (output_dir / "metrics.json").write_text(_json(summary))
     (output_dir / "table.md").write_text(text + "\n")
     print(f"\n{text}\n", flush=True)
-    print(f"all metrics: {output_dir / 'metrics.json'}; table: {output_dir / 'table.md'}\n{console.METRIC_KEY}")
+    print(
+        f"all metrics: {output_dir / 'metrics.json'}; table: {output_dir / 'table.md'}\n{console.METRIC_KEY}"
+    )
     return summary

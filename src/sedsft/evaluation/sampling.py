@@ -135,9 +135,51 @@ def plan_batches(
     return calls
 
 
-def _stop_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def check_greedy(temperature: float, num_samples: int) -> None:
+    """Temperature 0 is greedy decoding: one answer per prompt, so ``num_samples`` must be 1."""
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature}: must be >= 0 (0 = greedy decoding)")
+    if temperature == 0 and num_samples != 1:
+        raise ValueError(
+            f"temperature=0 (greedy) with num_samples={num_samples}: greedy decoding gives the same "
+            "answer every time; use num_samples=1 for greedy pass@1, or temperature>0 for n samples"
+        )
+
+
+_PROBE = "Sedsft end-of-turn probe"
+
+
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The token the chat template closes an assistant turn with (``<|im_end|>``,
+    ``<|eot_id|>``, ``<end_of_turn>``, ``<|end|>``, ...), as a list of at most one id; empty
+    when the tokenizer has no chat template or the template closes with ordinary text.
+
+    Found by rendering a one-turn conversation and tokenizing what follows the reply: the
+    first token there, when it is a special (or added) token. A model whose generation
+    config names only its base model's EOS would otherwise run past the end of its turn.
+    """
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE}],
+            tokenize=False,
+        )
+    except Exception:  # no template, or one that refuses this conversation
+        return []
+    if _PROBE not in text:
+        return []
+    after = text.split(_PROBE, 1)[1].lstrip(" ")
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    return [ids[0]] if ids and ids[0] in special else []
+
+
+def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Where generation stops: the model's EOS ids (generation config, else the tokenizer's)
+    and the chat template's end-of-turn token."""
     eos = model.generation_config.eos_token_id
-    return [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
+    ids = [eos] if isinstance(eos, int) else list(eos or [tokenizer.eos_token_id])
+    ids = [i for i in ids if i is not None]
+    return ids + [i for i in end_of_turn_ids(tokenizer) if i not in ids]
 
 
 def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[dict]]) -> list[str]:
@@ -165,6 +207,8 @@ def iter_samples(
     samples)`` as each prompt completes (in generation order, see ``plan_batches``).
 
     Prompts are rendered with the chat template and a generation prompt and left-padded.
+    Generation stops at the model's EOS and at the template's end-of-turn token
+    (``stop_token_ids``); ``temperature=0`` decodes greedily (``num_samples`` must be 1).
     The model is put in eval mode for the call and restored afterwards (also when the
     caller stops iterating early).
     """
@@ -174,11 +218,12 @@ def iter_samples(
         )
     if max_batch_tokens is not None and max_batch_tokens < 1:
         raise ValueError(f"max_batch_tokens must be >= 1 or None, got {max_batch_tokens}")
+    check_greedy(temperature, num_samples)
     if not prompts:
         return
     if seed is not None:
         torch.manual_seed(seed)
-    stop_ids = _stop_ids(model, tokenizer)
+    stop_ids = stop_token_ids(model, tokenizer)
     tracker = EntropyTracker(stop_ids)
     rendered = render_prompts(tokenizer, prompts)
     lengths = [len(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
@@ -203,11 +248,14 @@ def iter_samples(
             if context and prompt_length + max_new_tokens > context:
                 longest = max(longest, prompt_length)
             tracker.start(prompt_length)
+            decoding = (
+                {"do_sample": False}  # greedy: temperature 0
+                if temperature == 0
+                else {"do_sample": True, "temperature": temperature, "top_p": top_p}
+            )
             output = model.generate(
                 **inputs,
-                do_sample=True,
-                temperature=temperature,
-                top_p=top_p,
+                **decoding,
                 max_new_tokens=max_new_tokens,
                 num_return_sequences=rows,
                 logits_processor=LogitsProcessorList([tracker]),
