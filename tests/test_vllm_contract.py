@@ -35,7 +35,7 @@ PINNED = {
     "LLM.generate": ("entrypoints/llm.py", "LLM", "generate", {"prompts", "sampling_params", "use_tqdm"}),
     "request": ("inputs/llm.py", "TokensPrompt", "fields", {"prompt_token_ids"}),
     "SamplingParams": ("sampling_params.py", "SamplingParams", "fields",
-                       {"n", "temperature", "top_p", "max_tokens", "seed", "logprobs"}),
+                       {"n", "temperature", "top_p", "max_tokens", "seed", "logprobs", "stop_token_ids"}),
     "RequestOutput": ("outputs.py", "RequestOutput", "init", {"outputs"}),
     "CompletionOutput": ("outputs.py", "CompletionOutput", "fields", {"text", "token_ids", "logprobs"}),
     "Logprob": ("logprobs.py", "Logprob", "fields", {"logprob", "rank"}),
@@ -129,7 +129,8 @@ def test_backend_stays_inside_the_pinned_contract(monkeypatch, chatml_tokenizer)
         "max_model_len": None, "enforce_eager": False, "seed": 3, "max_logprobs": 20,
     })  # fmt: skip
     params = [p for call in calls[1:] for p in call[2]]
-    assert [vars(p) for p in params] == [
+    sampling = ("n", "temperature", "top_p", "max_tokens", "seed", "logprobs")
+    assert [{k: getattr(p, k) for k in sampling} for p in params] == [
         {
             "n": 2,
             "temperature": 1.0,
@@ -140,6 +141,8 @@ def test_backend_stays_inside_the_pinned_contract(monkeypatch, chatml_tokenizer)
         }
         for key in (4, 5, 6)
     ]
+    for p in params:  # stop tokens, when the backend passes them: token ids
+        assert all(isinstance(i, int) for i in getattr(p, "stop_token_ids", None) or [])
     # top-2 entropy of a position: -(1/2 log 1/2 + 1/4 log 1/4) = log 2; two positions a sample
     per_position = math.log(2)
     for samples in out.values():
