@@ -64,7 +64,6 @@ class SFTDataModule(L.LightningDataModule):
         packing: training micro-batches become one row without padding, examples kept
             apart by restarting ``position_ids`` (``sedsft.data.packing``); evaluation and
             preparation (``heldout_dataloader``) batches stay padded.
-        path: unused here: ``data=local`` sets ``data.path`` once for its sources to read.
     """
 
     def __init__(
@@ -83,7 +82,6 @@ class SFTDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         num_proc: int | None = None,
         packing: bool = False,
-        path: str | None = None,
     ):
         super().__init__()
         if max_length < 2:

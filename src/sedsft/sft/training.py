@@ -27,8 +27,9 @@ from sedsft.utils.world import lightning_world
 log = logging.getLogger(__name__)
 
 # Keys of a data config that describe the data set for other parts of the run (the
-# generation callback reads data.sample_classifier); they are not DataModule arguments.
-DATA_DESCRIPTION_KEYS = ("sample_classifier",)
+# generation callback reads data.sample_classifier; data=local's sources read data.path);
+# they are not DataModule arguments.
+DATA_DESCRIPTION_KEYS = ("sample_classifier", "path")
 
 
 def instantiate_list(cfg: DictConfig | None) -> list[Any]:
