@@ -57,10 +57,11 @@ def test_pickled_objects_in_a_ckpt_are_refused_by_every_loader(tmp_path):
 
 
 def test_a_file_that_is_no_checkpoint_gets_a_clear_error(tmp_path):
-    path = tmp_path / "notes.ckpt"
-    path.write_text("not a checkpoint")
-    with pytest.raises(ValueError, match=r"notes\.ckpt: not a readable checkpoint.*Lightning \.ckpt"):
-        load_checkpoint(path)
+    for name, text in (("notes.ckpt", "not a checkpoint"), ("steps.ckpt", "step,loss\n1,0.5\n"), ("empty.ckpt", "")):
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(ValueError, match=rf"{name}: not a readable checkpoint.*Lightning \.ckpt"):
+            load_checkpoint(path)
 
 
 def test_sharded_fsdp_metadata_and_meta_pt_cannot_run_code(tmp_path):

@@ -66,7 +66,7 @@ class UnsafeCheckpointError(ValueError):
 
 
 # Pickle errors of a file that is no checkpoint, or one holding objects weights_only refuses.
-_UNPICKLE_ERRORS = (pickle.UnpicklingError, FileNotFoundError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, AttributeError)
+_UNPICKLE_ERRORS = (pickle.UnpicklingError, FileNotFoundError, IndexError, KeyError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, AttributeError)
 
 
 @contextlib.contextmanager
