@@ -189,8 +189,15 @@ def test_slurm_tasks_are_exported_as_one_torch_process_group():
     assert {k: env[k] for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR")} == {
         "RANK": "5", "LOCAL_RANK": "5", "WORLD_SIZE": "8", "MASTER_ADDR": "10.0.0.7"}  # fmt: skip
     assert launcher_world(env).size == 8
-    assert not export_slurm_process_group({"WORLD_SIZE": "8", "SLURM_NTASKS": "8"})  # torchrun already did
+    # after an SFT stage in the same process: its MASTER_ADDR / PORT / WORLD_SIZE are kept, the ranks added
+    after_sft = {"SLURM_NTASKS": "8", "SLURM_PROCID": "3", "SLURM_LOCALID": "3", "SLURM_JOB_NAME": "p",
+                 "MASTER_ADDR": "node1", "MASTER_PORT": "29500", "WORLD_SIZE": "8"}  # fmt: skip
+    assert export_slurm_process_group(after_sft)
+    assert (after_sft["RANK"], after_sft["LOCAL_RANK"], after_sft["MASTER_ADDR"]) == ("3", "3", "node1")
+    assert not export_slurm_process_group({"LOCAL_RANK": "0", "WORLD_SIZE": "8", "SLURM_NTASKS": "8"})  # torchrun did
     assert not export_slurm_process_group({"SLURM_NTASKS": "1"})
+    with pytest.raises(WorldSizeError, match="MASTER_ADDR is unset"):
+        export_slurm_process_group({"SLURM_NTASKS": "2", "SLURM_PROCID": "0", "SLURM_JOB_NAME": "p"})
 
 
 # ------------------------------------------------------------------ verl: global batches

@@ -116,21 +116,22 @@ def verl_world(cfg: DictConfig) -> World:
 
 
 def export_slurm_process_group(env: MutableMapping[str, str] | None = None) -> bool:
-    """Under SLURM tasks without ``WORLD_SIZE`` (submitit, plain srun), export the torch
-    variables (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``)
-    so that ``accelerate`` joins the tasks into one process group; without them each task
-    would train alone on its share of GPUs. Returns whether anything was exported."""
+    """Under SLURM tasks not started by torchrun / accelerate (submitit, plain srun), export
+    the torch variables (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
+    ``MASTER_PORT``) so that ``accelerate`` joins the tasks into one process group; without
+    them each task would train alone on its share of GPUs. Variables already set (e.g. by an
+    SFT stage that ran in the same process) are kept. Returns whether anything was exported."""
     env = os.environ if env is None else env
     tasks = _slurm_tasks(env)
-    if env.get("WORLD_SIZE") or tasks is None or tasks < 2:
+    if "LOCAL_RANK" in env or tasks is None or tasks < 2:  # torchrun / accelerate launch set all of them
         return False
-    if env is os.environ:
+    if env is os.environ and not any(k in env for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")):
         try:  # submitit knows the allocation's first node (MASTER_ADDR) and a job-unique port
             from submitit.helpers import TorchDistributedEnvironment
 
             TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=False)
             return True
-        except (ImportError, RuntimeError, KeyError) as err:  # e.g. MASTER_ADDR set by an SFT stage before
+        except (ImportError, RuntimeError, KeyError) as err:
             log.warning("submitit could not export the torch process group (%s); using SLURM's variables", err)
     env.setdefault("RANK", env["SLURM_PROCID"])
     env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
