@@ -79,13 +79,17 @@ def sft_batch(sequences_per_step: int, micro_batch: int, world: World, allow_ine
     # The nearer of the two whole accumulations (ties: the larger batch); never zero.
     nearest = low if low and sequences_per_step - low * per_window < high * per_window - sequences_per_step else high
     if not allow_inexact:
-        fits = [d for d in _divisors(sequences_per_step) if d % micro_batch == 0]
+        counts = [d // micro_batch for d in _divisors(sequences_per_step) if d % micro_batch == 0]
+        fix = (
+            f"run on a process count in {counts}"
+            if counts
+            else f"set data.batch_size to a divisor of {sequences_per_step} (no process count works with {micro_batch})"
+        )
         raise BatchError(
             f"batch.sequences_per_step={sequences_per_step} cannot be met on {world}: one micro-step over all "
             f"processes is data.batch_size={micro_batch} x {world.size} = {per_window} sequences, and "
             f"{sequences_per_step} is not a multiple of it (accumulating {low} gives {low * per_window}, "
-            f"{high} gives {high * per_window}). Fix: run on a process count whose product with data.batch_size "
-            f"divides {sequences_per_step} (processes x data.batch_size in {fits}), or pass batch.allow_inexact=true "
+            f"{high} gives {high * per_window}). Fix: {fix}, or pass batch.allow_inexact=true "
             f"to train with {nearest * per_window} sequences per step"
         )
     return SFTBatch(sequences_per_step, micro_batch, world, nearest)
@@ -162,13 +166,17 @@ def rl_batch(
     while (per_window * accumulation) % num_generations:
         accumulation += 1
     if not allow_inexact:
-        fits = [d for d in _divisors(completions) if d % per_device == 0]
+        counts = [d // per_device for d in _divisors(completions) if d % per_device == 0]
+        fix = (
+            f"run on a process count in {counts}"
+            if counts
+            else f"set grpo.per_device_train_batch_size to a divisor of {completions}"
+        )
         raise BatchError(
             f"batch.prompts_per_update={prompts_per_update} (x grpo.num_generations={num_generations} = {completions} "
             f"completions) cannot be met on {world}: one micro-step over all processes is "
             f"grpo.per_device_train_batch_size={per_device} x {world.size} = {per_window} completions, and "
-            f"{completions} is not a multiple of it. Fix: run on a process count whose product with "
-            f"grpo.per_device_train_batch_size divides {completions} (processes x per-device in {fits}), or pass "
+            f"{completions} is not a multiple of it. Fix: {fix} (or another per-device size), or pass "
             f"batch.allow_inexact=true to train with {per_window * accumulation // num_generations} prompts per update"
         )
     return RLBatch(rollout_prompts, prompts_per_update, num_generations, per_device, world, accumulation)
@@ -285,11 +293,10 @@ def verl_batch(cfg: DictConfig, world: World) -> VerlBatch:
 
 
 def announce(derived: SFTBatch | RLBatch | None) -> None:
-    """The derived batch on its own line near the top of the run (main process only); an
-    inexact one is a warning as well."""
+    """The derived batch as one of the run's first log lines (main process only); an
+    inexact one as a warning."""
     from lightning.pytorch.utilities import rank_zero_only
 
     if derived is None or rank_zero_only.rank != 0:
         return
-    print(derived.describe(), flush=True)
-    (log.info if derived.exact else log.warning)(derived.describe())
+    (log.info if derived.exact else log.warning)(derived.describe())  # console and the run's log file
