@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from hydra import initialize_config_dir
 
 from conftest import ROOT, compose_config
 from sedsft.pipeline.summary import interval, paired, per_loss, summary_tables, write_summary
@@ -82,6 +83,36 @@ def test_pipeline_and_grid_presets_compose(tmp_path):
     assert grid is not None
     slurm = compose_config(tmp_path, tmp_path, "grid=paper_slurm", "loss=gem", shrink=False, name="pipeline.yaml")
     assert list(slurm.sft.overrides[:2]) == ["experiment=paper/base", "model=llama32_3b"]  # the loss from the sweep
+
+
+def test_added_overrides_extend_the_stage_base_and_a_silent_replacement_is_refused(tmp_path, cache_dir):
+    from sedsft.pipeline.run import stage_overrides
+    from test_relaunch import pipeline_config, run_job
+
+    cfg = pipeline_config(tmp_path / "job", cache_dir, "sft.add=['trainer.max_steps=2']", "rl.add=['grpo.max_steps=3']")
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        sft = stage_overrides(cfg, "sft", tmp_path / "job")
+        rl = stage_overrides(cfg, "rl", tmp_path / "job")
+    assert sft[-3:] == ["experiment=toy", "trainer.enable_progress_bar=false", "trainer.max_steps=2"]
+    assert rl[-3:] == ["grpo=toy", "++grpo.disable_tqdm=true", "grpo.max_steps=3"]
+    # the way a user first tries it: the list replaces the base and would drop experiment=toy
+    with pytest.raises(ValueError) as caught:
+        run_job(tmp_path / "job2", cache_dir, "sft.overrides=['trainer.max_steps=2']")
+    message = str(caught.value)
+    assert "drops ['experiment=toy', 'trainer.enable_progress_bar=false']" in message
+    assert "sft.add=[...]" in message and "sft.replace=true" in message
+    assert not (tmp_path / "job2" / "sft").exists()  # refused before any stage
+
+
+def test_a_job_names_its_tensorboard_run_by_the_stage_experiment_and_ends_with_both_stages():
+    from sedsft.pipeline.run import job_report, stage_experiment
+
+    assert stage_experiment(["loss=sed", "experiment=toy", "trainer.max_steps=2"]) == "toy"
+    assert stage_experiment(["loss=sed"]) is None
+    record = {"loss": "sed", "seed": 3, "metrics": {"rl": {"heldout_before/pass@1": 0.25, "heldout/pass@1": 0.5}}}
+    lines = job_report(record, Path("JOB")).splitlines()
+    assert lines[:3] == ["sed, seed 3: held-out:", "           after SFT    after RL", "  pass@1      0.2500      0.5000"]
+    assert lines[-2] == "all metrics: JOB/pipeline.json" and lines[-1].startswith("key: ")
 
 
 SFT_TINY = [

@@ -46,7 +46,7 @@ def test_job_directory_refuses_another_loss_knob_or_seed(tmp_path, cache_dir):
     for overrides, names in [
         (["loss=ce", "seed=3"], ["loss: this job is sed, the launch asks for ce", "seed: this job is 1, the launch asks for 3"]),
         (["loss=sed", "loss.lam=0.5", "seed=1"], ["loss: this job is sed, the launch asks for sed[loss.lam=0.5]"]),
-        (["loss=sed", "seed=1", f"rl.overrides={as_list(['grpo=toy', 'grpo.max_steps=7'])}"], ["rl.overrides: this job is"]),
+        (["loss=sed", "seed=1", f"rl.overrides={as_list(['grpo=toy', '++grpo.disable_tqdm=true', 'grpo.max_steps=7'])}"], ["rl.overrides: this job is"]),
     ]:
         with pytest.raises(ValueError) as caught:
             run_job(job, cache_dir, *overrides, "stages=[sft,rl]")

@@ -35,6 +35,12 @@ RL_KEYS_BEFORE = "heldout_before/"  # held-out metrics of the SFT policy (before
 RL_KEYS_AFTER = "heldout/"  # held-out metrics after RL
 
 
+def stage_experiment(overrides: list[str]) -> str | None:
+    """The ``experiment=`` a stage's overrides choose (the last one), else None."""
+    chosen = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("experiment=")]
+    return chosen[-1] if chosen else None
+
+
 def stage_config(name: str, overrides: list[str]) -> DictConfig:
     """The composed config of one stage (``train`` or ``rl``), as its main would see it."""
     return compose(config_name=name, overrides=overrides)
@@ -62,8 +68,28 @@ def stage_overrides(cfg: DictConfig, stage: str, job_dir: Path) -> list[str]:
     and the user's ``<stage>.overrides``."""
     common = [f"seed={cfg.seed}", f"paths.output_dir={job_dir / stage}"]
     if stage == "sft":
-        return [*loss_overrides(), *common, *cfg.sft.overrides]
-    return [f"policy={job_dir / 'sft'}", *common, *rl_resume(job_dir / stage), *cfg.rl.overrides]
+        return [*loss_overrides(), *common, *cfg.sft.overrides, *cfg.sft.get("add", [])]
+    return [f"policy={job_dir / 'sft'}", *common, *rl_resume(job_dir / stage), *cfg.rl.overrides, *cfg.rl.get("add", [])]
+
+
+def check_replaced_overrides(cfg: DictConfig) -> None:
+    """Refuse a command-line ``<stage>.overrides=[...]`` that drops entries of the stage's base
+    (``experiment=toy`` ...): a user adding one knob that way would silently run another
+    experiment. ``<stage>.add`` adds knobs; ``<stage>.replace=true`` replaces on purpose."""
+    given = list(HydraConfig.get().overrides.task)
+    replaced = [s for s in ("sft", "rl") if any(o.lstrip("+~").startswith(f"{s}.overrides=") for o in given)]
+    replaced = [s for s in replaced if not cfg[s].get("replace", False)]
+    if not replaced:
+        return
+    base = stage_config("pipeline", [o for o in given if not o.lstrip("+~").startswith(tuple(f"{s}.overrides=" for s in replaced))])
+    for stage in replaced:
+        dropped = [o for o in base[stage].overrides if o not in cfg[stage].overrides]
+        if dropped:
+            raise ValueError(
+                f"{stage}.overrides={list(cfg[stage].overrides)} replaces the stage's base overrides and drops {dropped}, "
+                f"so the {stage} stage would run another experiment. To add knobs keep the base: "
+                f"{stage}.add=[...]; to replace the base on purpose add {stage}.replace=true"
+            )
 
 
 def rl_resume(rl_dir: Path) -> list[str]:
@@ -91,6 +117,10 @@ def run_stage(cfg: DictConfig, stage: str, job_dir: Path) -> dict[str, float]:
 
         return run_routes(cfg, job_dir)
     stage_cfg = stage_config("train" if stage == "sft" else "rl", stage_overrides(cfg, stage, job_dir))
+    if stage == "sft" and OmegaConf.select(stage_cfg, "logger.tensorboard") is not None:
+        # The stage is composed inside the pipeline's Hydra run, whose choices have no
+        # experiment: name the TensorBoard run by the stage's own (<experiment>/<loss>/seed<seed>).
+        stage_cfg.logger.tensorboard.name = stage_experiment(stage_overrides(cfg, stage, job_dir))
     (job_dir / stage).mkdir(parents=True, exist_ok=True)
     (job_dir / stage / "config.yaml").write_text(OmegaConf.to_yaml(stage_cfg, resolve=True))
     first = job_dir / stage / ".hydra" / "config.yaml"  # as src/rl.py keeps it: a resume checks its knobs against it
@@ -161,6 +191,7 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     for stage in cfg.stages:
         if stage not in STAGES:
             raise ValueError(f"stages={list(cfg.stages)}: unknown stage {stage!r}; allowed: {list(STAGES)}")
+    check_replaced_overrides(cfg)  # sft.overrides=[one knob] must not drop experiment=toy silently
     claim_job_dir(job_dir, job_identity(cfg, loss_label()))  # refuses another loss, knob or seed
     if "rl" in cfg.stages and not (job_dir / "rl" / "metrics.json").is_file():
         check_rl_stage(cfg, job_dir)  # a bad grpo.* knob stops the job before SFT, not after it
@@ -174,4 +205,20 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
         "metrics": results,
     }
     (job_dir / "pipeline.json").write_text(json.dumps(record, indent=2, sort_keys=True))
+    print(job_report(record, job_dir), flush=True)
     return record
+
+
+def job_report(record: dict[str, Any], job_dir: Path) -> str:
+    """The table a job prints last: the held-out metrics of the SFT policy and of the RL
+    policy side by side (same prompts, same sampling), then the key."""
+    from sedsft.rl.console import HELDOUT_SHOWN
+    from sedsft.utils.console import METRIC_KEY, format_columns
+
+    rl = record["metrics"].get("rl") or {}
+    columns = {
+        "after SFT": {k: rl[RL_KEYS_BEFORE + k] for k in HELDOUT_SHOWN if RL_KEYS_BEFORE + k in rl},
+        "after RL": {k: rl[RL_KEYS_AFTER + k] for k in HELDOUT_SHOWN if RL_KEYS_AFTER + k in rl},
+    }
+    title = f"{record['loss']}, seed {record['seed']}: held-out"
+    return "\n".join([format_columns(columns, title), f"all metrics: {job_dir / 'pipeline.json'}", METRIC_KEY])
