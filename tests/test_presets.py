@@ -322,3 +322,16 @@ def test_unpinned_hub_data_reads_and_logs_the_current_commit(monkeypatch, caplog
     with caplog.at_level("WARNING"):
         HubSource("owner/data").load()
     assert seen["revision"] is None and "could not be read (offline)" in caplog.text
+
+
+def test_rl_check_at_start_names_a_process_count_that_cannot_give_the_batches(composed, monkeypatch):
+    """validate_rl_config (run start, and pipeline job start before SFT) uses the launcher's count."""
+    from sedsft.rl.checks import validate_rl_config
+
+    cfg = composed("experiment=rl_paper_llama32_3b", "policy=p", name="rl.yaml")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    validate_rl_config(cfg)
+    assert cfg.grpo.gradient_accumulation_steps is None  # checked on a copy; derived only when the run starts
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    with pytest.raises(ValueError, match=r"invalid configuration:\n  batch.prompts_per_update=32 .* on 6 process"):
+        validate_rl_config(cfg)

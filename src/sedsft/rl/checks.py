@@ -18,6 +18,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from sedsft.sft.checks import _check, _is_number
+from sedsft.utils.batches import rl_batch_problems
+from sedsft.utils.world import launcher_world
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,8 @@ def validate_rl_config(cfg: DictConfig) -> None:
             f"grpo.epsilon_high={high} must be >= grpo.epsilon={low} (the clip range is [1 - epsilon, 1 + epsilon_high]; "
             "null = epsilon)"
         )
+    if not problems:  # the global batches against the processes the launcher started (before any stage runs)
+        problems += rl_batch_problems(cfg, launcher_world())
     if problems:
         raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
 

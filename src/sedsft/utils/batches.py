@@ -263,6 +263,21 @@ def apply_rl_batch(cfg: DictConfig, world: World) -> RLBatch | None:
     return derived
 
 
+def rl_batch_problems(cfg: DictConfig, world: World) -> list[str]:
+    """What ``apply_rl_batch`` would refuse on ``world``, as messages (checked when a run or a
+    pipeline job starts, so a bad process count is named before SFT or the policy load)."""
+    keys = ("num_generations", "per_device_train_batch_size", "gradient_accumulation_steps", "generation_batch_size")
+    probe = OmegaConf.create({
+        "batch": OmegaConf.to_container(cfg.batch, resolve=True) if cfg.get("batch") is not None else None,
+        "grpo": {k: OmegaConf.select(cfg, f"grpo.{k}", default=None) for k in keys},
+    })  # fmt: skip
+    try:
+        apply_rl_batch(probe, world)  # on a copy of the knobs it reads: the run's config is left as it is
+    except BatchError as err:
+        return [str(err)]
+    return []
+
+
 @dataclass(frozen=True)
 class VerlBatch:
     train_batch_size: int  # prompts per rollout batch (global in verl)
