@@ -200,7 +200,10 @@ def check_normalisation(cfg: DictConfig) -> None:
     gradients are rescaled by the all-reduced token count before the step
     (``SFTModule.on_before_optimizer_step``). Under DeepSpeed the engine keeps the gradients
     in its own buffers, out of reach of that rescaling, so each micro-batch is normalised by
-    its own token count instead: micro-batches with few target tokens weigh more.
+    its own token count instead: micro-batches with few target tokens weigh more. (Read in
+    the sources, not run here: Lightning 2.6 divides each micro-batch loss by the accumulation
+    and DeepSpeed's ``engine.backward`` divides it again, so the gradients are also 1 /
+    accumulation of the paper's scale, which changes what clipping at norm 1.0 does.)
     """
     target = str(OmegaConf.select(cfg, "trainer.strategy._target_", default="") or "")
     if "deepspeed" in target and not OmegaConf.select(cfg, "batch.allow_micro_batch_mean", default=False):
