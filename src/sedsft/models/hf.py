@@ -122,7 +122,7 @@ class CausalLMSpec:
             **self.model_kwargs,
         )
         if self.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
         if lora is not None:
             model = apply_lora(model, lora, self.gradient_checkpointing)

@@ -166,7 +166,7 @@ class SFTModule(L.LightningModule):
     # ------------------------------------------------------------------ training
     def _nonfinite(self, what: str, batch_idx: int, rows: torch.Tensor | None, parts: dict) -> None:
         """Apply the non-finite policy: raise, or count a skip (raising past the cap)."""
-        described = {k: float(v) for k, v in parts.items()}
+        described = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in parts.items()}
         message = (
             f"non-finite {what} at global step {self.global_step} (batch {batch_idx}, "
             f"data rows {None if rows is None else rows.tolist()}); loss parts {described}"
