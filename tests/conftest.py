@@ -89,6 +89,12 @@ def cache_dir(tmp_path_factory) -> Path:
     return Path(os.environ.get("SEDSFT_TEST_CACHE") or tmp_path_factory.mktemp("cache"))
 
 
+def project_cache() -> Path:
+    """The cache ``src/train.py`` builds into (``paths.cache_dir``): a test of the default base
+    loads the quick start's build instead of building its own (same recipe, same key)."""
+    return Path(os.environ.get("SEDSFT_CACHE") or ROOT / ".cache")
+
+
 @pytest.fixture(autouse=True)
 def _small_threads():
     torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import project_cache
 from sedsft.data import toy_math
 from sedsft.evaluation.evaluate import label_diversity
 from sedsft.metrics import is_correct
@@ -132,10 +133,11 @@ def test_a_vocabulary_the_corpus_cannot_fill_names_the_knob(tmp_path):
 
 
 @pytest.mark.slow
-def test_default_base_does_the_task_and_keeps_every_style(cache_dir):
+def test_default_base_does_the_task_and_keeps_every_style():
     """The default run's base (1000 pretraining steps, ~100 s to build on one core) solves
-    step-by-step problems greedily and samples all four styles where a reply begins."""
-    spec = TinyLMSpec(cache_dir=str(cache_dir / "models"), pretrain_steps=1000)
+    step-by-step problems greedily and samples all four styles where a reply begins. It is the
+    quick start's base, so the test loads it from the project cache when that run built it."""
+    spec = TinyLMSpec(cache_dir=str(project_cache() / "models"), pretrain_steps=1000)
     model, tokenizer = spec.load_model(), spec.load_tokenizer()
     rows = toy_math.generate(32, seed=1)
     tokenizer.padding_side = "left"

@@ -299,7 +299,11 @@ class TinyLMSpec(CausalLMSpec):
     def _build(self, target: Path, recipe: dict) -> None:
         """Build into a scratch directory and rename: parallel runs (multirun, test workers)
         never see a half-written model."""
-        log.info("building %s into %s (once; later runs load it)", self.name_or_path, target)
+        # Said before it starts (a warning, so it shows in every stage's console): a build with
+        # pretraining takes minutes (1,000 steps of the default size: about 100 s on one core).
+        minutes = f", about {self.pretrain_steps / 600:.0f} min on one CPU core" if self.pretrain_steps >= 600 else ""
+        log.warning("building the tiny base %s once into %s (%d pretraining steps%s); later runs load it",
+                    self.name_or_path, target, self.pretrain_steps, minutes)  # fmt: skip
         scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
         try:
             build_tiny(
