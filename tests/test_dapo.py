@@ -97,11 +97,18 @@ def test_normalize_equals_the_regex_rules_on_random_strings():
         assert normalize(text) == _reference_normalize(text), repr(text)
 
 
-@pytest.mark.parametrize(
-    "adversarial",
-    ["Answer:" + " " * 100_000, "$" * 100_000, "\\text{" * 17_000, "frac" * 25_000, "\\boxed{" * 15_000,
-     "Answer: " + "{" * 100_000, "Answer: 5 " + "a " * 50_000],  # fmt: skip
-)
+ADVERSARIAL = {  # about 100k characters each: long runs of what each rule scans for
+    "answer_then_spaces": "Answer:" + " " * 100_000,
+    "dollars": "$" * 100_000,
+    "open_text": "\\text{" * 17_000,
+    "frac": "frac" * 25_000,
+    "open_boxed": "\\boxed{" * 15_000,
+    "answer_then_braces": "Answer: " + "{" * 100_000,
+    "answer_then_words": "Answer: 5 " + "a " * 50_000,
+}
+
+
+@pytest.mark.parametrize("adversarial", list(ADVERSARIAL.values()), ids=list(ADVERSARIAL))
 def test_linear_time_on_100k_character_inputs(adversarial):
     start = time.perf_counter()
     for mode in ("minerva", "strict_box"):
