@@ -4,59 +4,43 @@
                          [model.name_or_path=<local copy of the base model>]
 
 ``ckpt`` is any layout ``sedsft.checkpoints`` reads (single file, sharded FSDP directory,
-DeepSpeed directory). The run config stored in the checkpoint rebuilds the model, the
-checkpoint's weights replace the base ones, and ``out`` receives ``save_pretrained``
-weights, the tokenizer with its chat template, and ``sedsft.json`` (the loss and its state). LoRA runs
-are merged into full weights (``merge=true``, a QLoRA adapter into the full-precision base)
-or written as the adapter alone (``merge=false``).
+DeepSpeed directory); ``sedsft.checkpoints.export_checkpoint`` does the work. Knobs:
+``configs/export.yaml``.
 """
 
-from __future__ import annotations
-
 import os
-import sys
 from pathlib import Path
 
-from omegaconf import OmegaConf
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from sedsft.utils.cli import preflight
 
 os.environ.setdefault("PROJECT_ROOT", str(Path(__file__).resolve().parents[1]))
 
-from sedsft.checkpoints import (  # noqa: E402
-    load_checkpoint,
-    loss_from_stored,
-    loss_meta,
-    loss_state,
-    model_from_checkpoint,
-    save_hf,
-)
-from sedsft.models.hf import resolve_dtype  # noqa: E402
 
-USAGE = "usage: python src/export.py ckpt=<checkpoint file or directory> out=<dir> [merge=true] [dtype=bfloat16]"
-
-
-def export(ckpt: str, out: str, merge: bool = True, dtype: str | None = None, model: dict | None = None) -> Path:
-    """Write ``out`` from checkpoint ``ckpt`` (see the module docstring); returns ``out``."""
-    checkpoint = load_checkpoint(ckpt)
-    lm, tokenizer, config = model_from_checkpoint(checkpoint, ckpt, model)
-    if dtype is not None:
-        lm.to(resolve_dtype(dtype))
-    loss = loss_from_stored(config.get("loss") or {}, ckpt, state=loss_state(checkpoint))
-    return save_hf(lm, tokenizer, out, meta=loss_meta(loss), merge=merge)
+EXAMPLE = "python src/export.py ckpt=logs/train/runs/<timestamp>/checkpoints/last.ckpt out=exported"
+# Knobs without a default, checked before Hydra starts (sedsft.utils.cli.preflight).
+REQUIRED = {
+    "ckpt": (
+        lambda cfg: OmegaConf.is_missing(cfg, "ckpt"),
+        "the Lightning checkpoint to export (a .ckpt file, an FSDP or DeepSpeed checkpoint directory)",
+        EXAMPLE,
+    ),
+    "out": (lambda cfg: OmegaConf.is_missing(cfg, "out"), "the directory to write the Hugging Face model into", EXAMPLE),
+}
 
 
-def main(argv: list[str]) -> None:
-    args = OmegaConf.from_cli(argv)
-    if "ckpt" not in args or "out" not in args:
-        raise SystemExit(USAGE)
-    directory = export(
-        ckpt=str(args.ckpt),
-        out=str(args.out),
-        merge=bool(args.get("merge", True)),
-        dtype=args.get("dtype"),
-        model=OmegaConf.to_container(args.model) if "model" in args else None,
-    )
+@hydra.main(version_base="1.3", config_path="../configs", config_name="export.yaml")
+def main(cfg: DictConfig) -> Path:
+    from sedsft.checkpoints import export_checkpoint
+
+    overrides = {k: v for k, v in OmegaConf.to_container(cfg.model).items() if v is not None}
+    directory = export_checkpoint(str(cfg.ckpt), str(cfg.out), bool(cfg.merge), cfg.dtype, overrides)
     print(f"exported Hugging Face model to {directory}")
+    return directory
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    preflight("export.yaml", REQUIRED)
+    main()

@@ -49,10 +49,10 @@ def test_pickled_objects_in_a_ckpt_are_refused_by_every_loader(tmp_path):
         load_checkpoint(path)
     with pytest.raises(UnsafeCheckpointError):
         load_model(path)  # the route of src/eval.py ckpt= and src/rl.py policy=
-    from test_scale import load_export_cli
+    from test_scale import run_export_cli
 
     with pytest.raises(UnsafeCheckpointError):
-        load_export_cli().main([f"ckpt={path}", f"out={tmp_path / 'out'}"])
+        run_export_cli(f"ckpt={path}", f"out={tmp_path / 'out'}")
     assert not marker.exists()
 
 

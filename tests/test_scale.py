@@ -31,6 +31,7 @@ from sedsft.models.lora import is_peft, lora_settings, merged_state_dict
 from sedsft.sft.strategies import DecoderLayerPolicy, fsdp_strategy
 from sedsft.sft.training import build, train
 from sedsft.utils.batches import apply_sft_batch
+from sedsft.utils.cli import preflight
 from sedsft.utils.world import lightning_world
 
 CONFIGS = ROOT / "configs"
@@ -218,7 +219,7 @@ def test_decoder_layer_policy_and_activation_checkpointing(local_models, arch):
     assert list(model.state_dict()) == keys  # checkpoint wrappers leave parameter names alone
 
     again = AutoModelForCausalLM.from_pretrained(local_models[arch])
-    again.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    again.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     assert DecoderLayerPolicy("auto", skip_if_checkpointed=True)._run_policy(again, set(), {}) == {}
 
 
@@ -343,12 +344,25 @@ def load_export_cli():
     return module
 
 
+def run_export_cli(*overrides: str):
+    """``src/export.py`` with these command-line overrides: its preflight, then its Hydra main
+    on ``configs/export.yaml`` composed as Hydra does."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    cli = load_export_cli()
+    preflight("export.yaml", cli.REQUIRED, argv=list(overrides))
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("export.yaml", overrides=list(overrides))
+    return cli.main(cfg)
+
+
 def test_export_cli_from_lora_checkpoint_merged_and_adapter(lora_run, tmp_path):
     from peft import PeftModel
 
     out, _ = lora_run
-    cli = load_export_cli()
-    cli.main([f"ckpt={out / 'checkpoints' / 'last.ckpt'}", f"out={tmp_path / 'merged'}", "dtype=bfloat16"])
+    run_export_cli(f"ckpt={out / 'checkpoints' / 'last.ckpt'}", f"out={tmp_path / 'merged'}", "dtype=bfloat16")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     reference = AutoModelForCausalLM.from_pretrained(out / "hf")
     assert merged.dtype == torch.bfloat16
@@ -356,7 +370,7 @@ def test_export_cli_from_lora_checkpoint_merged_and_adapter(lora_run, tmp_path):
         torch.testing.assert_close(merged.state_dict()[k], v.to(torch.bfloat16))
     assert (tmp_path / "merged" / "sedsft.json").is_file()
 
-    cli.main([f"ckpt={out / 'checkpoints' / 'last.ckpt'}", f"out={tmp_path / 'adapter'}", "merge=false"])
+    run_export_cli(f"ckpt={out / 'checkpoints' / 'last.ckpt'}", f"out={tmp_path / 'adapter'}", "merge=false")
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert not (tmp_path / "adapter" / "model.safetensors").exists()
     base = AutoModelForCausalLM.from_pretrained(hydra.utils.instantiate(lora_run[1].model).resolved_path())
@@ -370,8 +384,7 @@ def test_export_cli_from_full_and_sharded_checkpoints(make_config, tmp_path):
 
     train(make_config("loss=sed", *QUICK_RUN))
     checkpoint_path = tmp_path / "checkpoints" / "last.ckpt"
-    cli = load_export_cli()
-    cli.main([f"ckpt={checkpoint_path}", f"out={tmp_path / 'from_file'}"])
+    run_export_cli(f"ckpt={checkpoint_path}", f"out={tmp_path / 'from_file'}")
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").state_dict()
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "from_file").state_dict()
     assert set(exported) == set(reference)
@@ -386,7 +399,7 @@ def test_export_cli_from_full_and_sharded_checkpoints(make_config, tmp_path):
     dcp.save({"model": checkpoint.pop("state_dict")}, checkpoint_id=sharded, no_dist=True)
     checkpoint.pop("optimizer_states", None)
     torch.save(checkpoint, sharded / "meta.pt")
-    cli.main([f"ckpt={sharded}", f"out={tmp_path / 'from_shards'}"])
+    run_export_cli(f"ckpt={sharded}", f"out={tmp_path / 'from_shards'}")
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "from_shards").state_dict()
     for k, v in reference.items():
         torch.testing.assert_close(exported[k], v)
@@ -396,6 +409,7 @@ def test_export_cli_from_full_and_sharded_checkpoints(make_config, tmp_path):
     (deepspeed_dir / "latest").write_text("checkpoint")
     if not HAS_DEEPSPEED:
         with pytest.raises(ImportError, match="sedsft"):
-            cli.main([f"ckpt={deepspeed_dir}", f"out={tmp_path / 'x'}"])
-    with pytest.raises(SystemExit):
-        cli.main([f"ckpt={checkpoint_path}"])
+            run_export_cli(f"ckpt={deepspeed_dir}", f"out={tmp_path / 'x'}")
+    with pytest.raises(SystemExit) as missing:  # preflight: out= is missing, exit 2
+        run_export_cli(f"ckpt={checkpoint_path}")
+    assert missing.value.code == 2

@@ -372,3 +372,21 @@ def loss_meta(loss_fn: nn.Module | None) -> dict:
     if loss_fn is None:
         return {}
     return {"loss": type(loss_fn).__name__, **loss_fn.export_meta()}
+
+
+def export_checkpoint(
+    ckpt: str | Path, out: str | Path, merge: bool = True, dtype: str | None = None, model_overrides: dict | None = None
+) -> Path:
+    """Write the Hugging Face export of Lightning checkpoint ``ckpt`` (any layout
+    ``load_checkpoint`` reads) into ``out``: the run config stored in the checkpoint rebuilds
+    the model (``model_overrides`` change it, e.g. ``{"name_or_path": <local base>}``), the
+    checkpoint's weights replace the base ones, the loss is rebuilt with its state for
+    ``sedsft.json``; a LoRA model is merged (``merge``) or written as the adapter alone."""
+    checkpoint = load_checkpoint(ckpt)
+    lm, tokenizer, config = model_from_checkpoint(checkpoint, ckpt, model_overrides)
+    if dtype is not None:
+        from sedsft.models.hf import resolve_dtype
+
+        lm.to(resolve_dtype(dtype))
+    loss = loss_from_stored(config.get("loss") or {}, ckpt, state=loss_state(checkpoint))
+    return save_hf(lm, tokenizer, out, meta=loss_meta(loss), merge=merge)
