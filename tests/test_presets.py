@@ -335,3 +335,12 @@ def test_rl_check_at_start_names_a_process_count_that_cannot_give_the_batches(co
     monkeypatch.setenv("WORLD_SIZE", "6")
     with pytest.raises(ValueError, match=r"invalid configuration:\n  batch.prompts_per_update=32 .* on 6 process"):
         validate_rl_config(cfg)
+
+
+def test_a_per_process_value_beside_the_global_batch_is_overruled_and_said(composed, caplog):
+    cfg = composed("experiment=paper_llama32_3b_ce")
+    cfg.trainer.accumulate_grad_batches = 8  # e.g. a command line from before batch.sequences_per_step
+    with caplog.at_level("WARNING"):
+        apply_sft_batch(cfg, World(8, "test", "8 fake processes"))
+    assert cfg.trainer.accumulate_grad_batches == 16
+    assert "trainer.accumulate_grad_batches=8 replaced by 16, derived from batch.sequences_per_step" in caplog.text

@@ -234,9 +234,18 @@ def apply_sft_batch(cfg: DictConfig, world: World | Callable[[], World]) -> SFTB
         world() if callable(world) else world,
         bool(cfg.batch.get("allow_inexact", False)),
     )
-    with open_dict(cfg):
-        cfg.trainer.accumulate_grad_batches = derived.accumulation
+    _replace(cfg, "trainer.accumulate_grad_batches", derived.accumulation, "batch.sequences_per_step")
     return derived
+
+
+def _replace(cfg: DictConfig, key: str, value: int, source: str) -> None:
+    # A per-process value given beside the global one is overruled, and said so.
+    given = OmegaConf.select(cfg, key, default=None)
+    if given is not None and given != value:
+        log.warning("%s=%s replaced by %d, derived from %s and the process count", key, given, value, source)
+    parent, name = key.rsplit(".", 1)
+    with open_dict(cfg):
+        OmegaConf.select(cfg, parent)[name] = value
 
 
 def apply_rl_batch(cfg: DictConfig, world: World) -> RLBatch | None:
@@ -258,9 +267,10 @@ def apply_rl_batch(cfg: DictConfig, world: World) -> RLBatch | None:
         world,
         bool(cfg.batch.get("allow_inexact", False)),
     )
+    source = "batch.rollout_prompts / batch.prompts_per_update"
+    _replace(cfg, "grpo.gradient_accumulation_steps", derived.accumulation, source)
+    _replace(cfg, "grpo.generation_batch_size", derived.generation_batch_size, source)
     with open_dict(cfg):
-        cfg.grpo.gradient_accumulation_steps = derived.accumulation
-        cfg.grpo.generation_batch_size = derived.generation_batch_size
         if "steps_per_generation" in cfg.grpo:
             cfg.grpo.steps_per_generation = None  # TRL takes one of the two
     return derived
