@@ -53,6 +53,7 @@ def test_valid_command_lines_and_hydra_flags_pass(capsys):
     [
         ("eval.py", [], "ckpt= is missing: the model to evaluate", "For example: python src/eval.py ckpt="),
         ("rl.py", [], "policy= is missing: the SFT policy", "For example: python src/rl.py policy="),
+        ("export.py", ["ckpt=last.ckpt"], "out= is missing: the directory", "For example: python src/export.py ckpt="),
     ],
 )
 def test_a_missing_required_value_is_one_message_before_anything_starts(tmp_path, script, argv, first, last):
