@@ -69,12 +69,25 @@ ANALYTIC = [(n, kw) for n, kw in CONFIGS if LOSSES[n].has_analytic_gradient()]
 ANALYTIC_IDS = [f"{n}-{kw.get('h', '')}" for n, kw in ANALYTIC]
 
 
+# What a loss prepares before training (TokenLoss.prepare) is also one of its knobs (None =
+# prepare, as SED's tau); these tests give it a value chosen from their own logits. A loss
+# that prepares itself adds its entry (README: Add a loss).
+PREPARED_KNOBS = {
+    # a tau between two neighbouring top-k masses of these logits
+    "sed": lambda logits, labels, kw: {"tau": sed_tau_between(logits, labels, kw.get("top_k", 10))},
+}
+
+
 def knobs_for(name, kw, logits, labels):
-    """``kw`` plus what the loss cannot run without: a tau for a loss still to calibrate,
-    between two neighbouring top-k masses of these logits."""
+    """``kw`` plus what the loss cannot run without: the setting of a loss still to prepare."""
     kw = dict(kw)
-    if getattr(build_loss(name, **kw), "needs_calibration", False):
-        kw["tau"] = sed_tau_between(logits, labels, kw.get("top_k", 10))
+    if build_loss(name, **kw).needs_preparation:
+        assert name in PREPARED_KNOBS, (
+            f"loss {name!r} prepares itself before training: add to PREPARED_KNOBS in "
+            "tests/test_losses.py the knob that holds what it prepares, with a value for the "
+            "test's logits (README: Add a loss)"
+        )
+        kw.update(PREPARED_KNOBS[name](logits, labels, kw))
     return kw
 
 
