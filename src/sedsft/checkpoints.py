@@ -307,8 +307,8 @@ def loss_from_stored(loss: dict, source: str | Path = "checkpoint", state: dict 
 
 
 def loss_state(checkpoint: dict) -> dict:
-    """The loss's own state in a Lightning checkpoint (its buffers, e.g. a calibrated
-    threshold), keys relative to the loss module."""
+    """The loss's own state in a Lightning checkpoint (its buffers: what it measured before
+    training), keys relative to the loss module."""
     return {k[len(LOSS_PREFIX) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(LOSS_PREFIX)}
 
 

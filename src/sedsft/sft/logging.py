@@ -6,7 +6,7 @@ under ``<split>/loss_terms/<name>``; ``key`` is the only place that spells them.
 - Scalars inside Lightning's loops go through ``log_metrics`` -> ``LightningModule.log``:
   Lightning reduces them (token-weighted means, DDP sync) and they reach every logger and
   ``trainer.callback_metrics``, from which the run's ``metrics.json`` is written.
-- Scalars measured outside the loops (tau calibration before the first step) go through
+- Scalars measured outside the loops (what the loss prepares before the first step) go through
   ``log_scalars`` straight to the loggers; the caller keeps them for ``metrics.json``.
 - Histograms and text panels have no Lightning API: ``log_histogram`` / ``log_text`` write
   them on rank 0 to every logger that can show them (TensorBoard).
@@ -36,7 +36,7 @@ SAMPLES_TEXT = "gen/samples"  # the text panel of sampled completions
 
 
 def key(split: str, name: str) -> str:
-    """The logged name of metric ``name`` of ``split`` (train, val, test, gen, calibration)."""
+    """The logged name of metric ``name`` of ``split`` (train, val, test, gen)."""
     return f"{split}/loss_terms/{name}" if name in LOSS_TERMS else f"{split}/{name}"
 
 
