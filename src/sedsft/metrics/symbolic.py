@@ -209,8 +209,8 @@ def _equation_equal(gold: str, pred: str) -> bool:
         return False
     gold_zero = sympy.nsimplify(expressions[0] - expressions[1], rational=True)
     pred_zero = sympy.nsimplify(expressions[2] - expressions[3], rational=True)
-    if gold_zero == 0 or pred_zero == 0:
-        return False
+    if gold_zero == 0 or pred_zero == 0 or gold_zero.free_symbols != pred_zero.free_symbols:
+        return False  # a different set of unknowns cannot be a constant multiple
     ratio = sympy.simplify(pred_zero / gold_zero)
     return bool(ratio.is_number and ratio.is_finite and ratio != 0)
 
