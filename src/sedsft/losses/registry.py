@@ -10,15 +10,16 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+from pathlib import Path
 
-import sedsft.losses as _package
 from sedsft.losses.base import REGISTRY, TokenLoss
 
 
 def _import_all() -> None:
     """Import every module under ``sedsft/losses/`` (sub-packages too), so that each loss
-    file's classes run their registration."""
-    for info in pkgutil.walk_packages(_package.__path__, prefix=_package.__name__ + "."):
+    file's classes run their registration. The folder is found from this file, not by
+    importing the package, which imports this module."""
+    for info in pkgutil.walk_packages([str(Path(__file__).parent)], prefix=f"{__package__}."):
         if info.name != __name__:
             importlib.import_module(info.name)
 
