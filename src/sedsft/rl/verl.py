@@ -227,7 +227,7 @@ def print_verl_command(cfg: DictConfig) -> str:
         "#!/usr/bin/env bash\n# written by src/rl.py print_verl=true\n"
         f"# settings the paper does not state:\n{notes}" + command + "\n"
     )
-    log.info("settings of this command the paper does not state:\n  %s", "\n  ".join(NOT_IN_PAPER))
     print(command)
+    log.info("settings of this command the paper does not state:\n  %s", "\n  ".join(NOT_IN_PAPER))
     log.info("wrote %s and the prompt files in %s", path, path.parent / "verl")
     return command
