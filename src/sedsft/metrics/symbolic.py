@@ -39,10 +39,10 @@ from math_verify import parse, verify
 for _name in ("math_verify", "math_verify.parser", "math_verify.grader"):
     logging.getLogger(_name).setLevel(logging.ERROR)  # the worker's stderr is the caller's
 
-# A name on the left of "=": y, N, S(t), E(W), N(n), m_{\max}, \mathbf{y}, (x, y, z)
+# A name on the left of "=": y, N, S(t), E(W), N(n), m_{\max}, \mathbf{y}, f^{-1}(x), y', (x, y, z)
 _NAME_RE = re.compile(
     r"(?:\\(?:mathbf|mathrm|operatorname|vec)\{[A-Za-z]+\}|[A-Za-z](?:_\{?[^{}=]*\}?)?)"
-    r"(?:\([A-Za-z0-9,\s]*\))?"
+    r"(?:\^\{-1\}|'+)?(?:\([A-Za-z0-9,\s]*\))?"
     r"|\(\s*[A-Za-z](?:\s*,\s*[A-Za-z])+\s*\)"
 )
 _SET_BUILDER_RE = re.compile(r"^\\\{\s*([A-Za-z])\s*(?:\||\\mid|:)\s*(.+?)\\\}$")
