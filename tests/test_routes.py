@@ -341,3 +341,42 @@ def test_the_rl_budget_has_the_papers_ratios():
     ratio = args.max_steps * args.learning_rate / total
     assert 0.15 <= ratio <= 0.25, ratio
     assert rl.data.train.ranges == sft.data.train.ranges  # one task for both stages
+
+
+@pytest.mark.slow
+def test_one_routes_job_runs_every_stage(tmp_path):
+    """SFT -> positions -> GRPO -> routes report for one (loss, seed) on a 4-step base, as
+    grid=routes_claim runs each job; about a minute on one core."""
+    import subprocess
+    import sys
+
+    sft = ["experiment=routes", "model.pretrain_steps=4", "data.train.n=48", "data.val.n=8", "data.batch_size=8",
+           "trainer.max_steps=2", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+           "callbacks.generation_eval.num_prompts=2", "callbacks.generation_eval.num_samples=2",
+           "callbacks.generation_eval.max_new_tokens=8"]  # fmt: skip
+    rl = ["experiment=rl_routes", "data.train.n=16", "grpo.max_steps=2", "grpo.generation_batch_size=8",
+          "grpo.num_generations=4", "grpo.per_device_train_batch_size=4", "grpo.max_completion_length=8",
+          "grpo.save_steps=100", "heldout.num_prompts=4", "heldout.num_samples=2", "heldout.batch_size=2",
+          "++grpo.disable_tqdm=true"]  # fmt: skip
+
+    def as_list(items):
+        return "[" + ",".join(f"'{i}'" for i in items) + "]"
+
+    job = tmp_path / "job"
+    command = [
+        sys.executable, "src/pipeline.py", "loss=sed", "seed=1", "stages=[sft,positions,rl,routes]",
+        f"sft.overrides={as_list(sft)}", f"rl.overrides={as_list(rl)}", "positions.num_examples=4",
+        "routes.num_examples=4", "routes.num_samples=2", "routes.forced_samples=1", "routes.max_new_tokens=8",
+        f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={job}",
+    ]  # fmt: skip
+    root = os.path.abspath(os.path.join(CONFIGS, ".."))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PROJECT_ROOT": root}
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rl_metrics = json.loads((job / "rl" / "metrics.json").read_text())
+    assert {"rl/explore/all/any_correct", "rl/explore/all/all_equal", "rl/explore/all/reward"} <= set(rl_metrics)
+    assert any(k.startswith(("rl/explore/easy/", "rl/explore/hard/")) for k in rl_metrics)  # split by difficulty
+    report = json.loads((job / "routes" / "metrics.json").read_text())
+    for policy in ("sft", "rl"):
+        assert {f"{policy}/hard/pass@2", f"{policy}/easy/forced/net_change", f"{policy}/overall/pass@1"} <= set(report)
+    assert json.loads((job / "positions" / "metrics.json").read_text())  # the calibration split was measured
