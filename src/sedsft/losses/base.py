@@ -30,6 +30,7 @@ checked against it, so a wrong formula cannot pass by agreeing with itself.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -151,6 +152,12 @@ class TokenLoss(nn.Module):
         self.chunk_size = chunk_size
         self.stats_top_k = stats_top_k
         self.analytic = True
+
+    def extra_repr(self) -> str:
+        """The loss's own knobs as set (``lam=0.1``), read off its constructor, so a loss file
+        writes no repr of its own."""
+        names = [p for p in inspect.signature(type(self).__init__).parameters if p not in ("self", "chunk_size", "stats_top_k")]
+        return ", ".join(f"{name}={getattr(self, name)!r}" for name in names if hasattr(self, name))
 
     # -- what a loss states ---------------------------------------------------------------
     def value(self, z: Tensor, y: Tensor) -> PerToken:

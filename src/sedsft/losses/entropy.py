@@ -31,9 +31,6 @@ class EntropyLoss(TokenLoss):
         super().__init__(chunk_size, stats_top_k)
         self.lam = check_lam(lam)
 
-    def extra_repr(self) -> str:
-        return f"lam={self.lam}"
-
     def value(self, z: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         logp = torch.log_softmax(z, -1)
         entropy = -(logp.exp() * logp).sum(-1)

@@ -38,9 +38,6 @@ class GEMLoss(TokenLoss):
         check(h in GEM_H, f"h must be one of {list(GEM_H)}, got {h!r}")
         self.beta, self.h = float(beta), h
 
-    def extra_repr(self) -> str:
-        return f"beta={self.beta}, h={self.h!r}"
-
     def value(self, z: Tensor, y: Tensor) -> Tensor:
         logp = torch.log_softmax(z, -1)
         logp_y = logp.gather(1, y.unsqueeze(1))

@@ -26,9 +26,6 @@ class LabelSmoothingLoss(TokenLoss):
         check(isinstance(eps, (int, float)) and 0 <= eps < 1, f"eps must be in [0, 1), got {eps!r}")
         self.eps = float(eps)
 
-    def extra_repr(self) -> str:
-        return f"eps={self.eps}"
-
     def value(self, z: Tensor, y: Tensor) -> Tensor:
         logp = torch.log_softmax(z, -1)
         logp_y = logp.gather(1, y.unsqueeze(1)).squeeze(1)

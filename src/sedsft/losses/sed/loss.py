@@ -261,9 +261,6 @@ class SEDNoMaskLoss(TokenLoss):
         super().__init__(chunk_size, stats_top_k)
         self.lam = check_lam(lam)
 
-    def extra_repr(self) -> str:
-        return f"lam={self.lam}"
-
     def value(self, z: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         return _sed_value(z, y, self.lam, torch.ones_like(z[:, 0]))
 
