@@ -127,5 +127,7 @@ class CausalLMSpec:
         if lora is not None:
             model = apply_lora(model, lora, self.gradient_checkpointing)
         compile_decoder_layers(model, self.compile)
-        log.info("loaded %s (%.1fM parameters)", self.name_or_path, model.num_parameters() / 1e6)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info("loaded %s: %s, %.1fM parameters, %.1fM trainable", self.name_or_path, type(model).__name__,
+                 model.num_parameters() / 1e6, trainable / 1e6)  # fmt: skip
         return model

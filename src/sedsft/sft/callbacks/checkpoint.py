@@ -128,7 +128,7 @@ class Checkpoints(ModelCheckpoint):
                 os.symlink(os.path.relpath(linked_to, self.last_path.parent), self.last_path)
         trainer.strategy.barrier("sedsft_last_checkpoint")
         if not linked_to:
-            trainer.save_checkpoint(self.last_path)
+            trainer.save_checkpoint(self.last_path, weights_only=self.save_weights_only)
         self._last_step, self._last_is_link = trainer.global_step, bool(linked_to)
         self._last_time = time.monotonic()
         log.debug("last.ckpt at step %d%s", trainer.global_step, f" -> {linked_to}" if linked_to else "")

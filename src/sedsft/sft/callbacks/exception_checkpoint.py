@@ -29,6 +29,8 @@ class ExceptionCheckpoint(L.Callback):
     did not happen, so the data loader's state must not count it as consumed.
     """
 
+    save_weights_only = False  # the full training state: the file resumes the run
+
     def __init__(self, dirpath: str, filename: str = "on_exception"):
         self.path = Path(dirpath) / f"{filename}.ckpt"
         self.resume_from: Path | None = None  # the checkpoint that resumes the stopped run
@@ -43,7 +45,7 @@ class ExceptionCheckpoint(L.Callback):
             None,
         )
         if self.resume_from is None:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=self.save_weights_only)
             self.resume_from = self.path
         log.warning(
             "training stopped (%s) after step %d; resume with ckpt_path=%s:\n  %s",
