@@ -517,6 +517,17 @@ def test_killed_suite_resumes_where_it_stopped(tmp_path, cache_dir, monkeypatch)
                 f"resume={first}",
             )
         )
+    # and so is other grading: the verdicts in samples.jsonl were made with the first
+    with pytest.raises(ValueError, match=r"it was sampled with grading=\{'boxed_only': True"):
+        evaluate(
+            compose_eval(
+                tmp_path / "fourth",
+                cache_dir,
+                *SUITE,
+                "grading.boxed_only=false",
+                f"resume={first}",
+            )
+        )
 
 
 def test_resume_refuses_a_changed_source(tmp_path, cache_dir, monkeypatch):

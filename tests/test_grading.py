@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from sedsft.evaluation.benchmarks import GOLD_PARSERS
+from sedsft.evaluation.benchmarks import GOLD_PARSERS, BenchmarkSpec, build_problems
 from sedsft.evaluation.evaluate import score_samples
 from sedsft.evaluation.sampling import Samples
 from sedsft.metrics import extract_answer, grade, grading_counts, is_correct
@@ -152,6 +152,16 @@ def test_huge_answers_are_refused_before_evaluation(answer):
 )
 def test_ordinary_powers_and_factorials_pass_the_size_guard(answer):
     assert refusal(answer) is None
+
+
+def test_gold_clean_up_and_the_yes_no_hint():
+    spec = BenchmarkSpec("college_math", "CollegeMATH", "pass@1", ["question"], "answer", "plain")
+    rows = [{"question": "Is it?", "answer": "Yes."}, {"question": "How far?", "answer": "$\\sqrt{27}$."},
+            {"question": "Which?", "answer": "$145$solution:"}]  # fmt: skip
+    problems = build_problems(spec, rows, None)
+    assert [p.gold for p in problems] == ["Yes", "\\sqrt{27}", "145"]
+    assert problems[0].question == "Is it? (Yes or No)"  # decided on the cleaned gold
+    assert GOLD_PARSERS["first"](["$(-\\infty, 0) \\cup\\{1\\}$."]) == "(-\\infty, 0) \\cup\\{1\\}"
 
 
 def test_no_box_fallback_is_a_knob():
