@@ -278,7 +278,7 @@ def grade(
                 equal = sandbox.pool().compare(*scaled, unordered, timeout_s)
         except sandbox.CheckTimeout:
             _count("timeouts")
-            log.warning("answer check over %.1f s, graded wrong: gold %r, answer %r",
+            log.warning("answer check over %g s, graded wrong: gold %r, answer %r",
                         timeout_s, g[:80], p[:80])  # fmt: skip
             return Verdict(False, "timeout", pred)
         return Verdict(equal, "correct" if equal else "wrong", pred)

@@ -65,7 +65,7 @@ class _Worker:
             [sys.executable, str(Path(__file__).resolve())],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=None,  # the caller's: an import error of the worker is seen, not swallowed
             env=env,
             bufsize=0,
         )
