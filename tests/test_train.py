@@ -149,7 +149,7 @@ def test_cli_console_one_line_per_event_run_dir_first_metrics_table_last(tmp_pat
     """The terminal of ``python src/train.py trainer.max_steps=3``: the run directory first,
     every log record once (Lightning printed each twice, once through its own handler), no
     product adverts or library deprecation, no monitor warning, a table of the final metrics
-    last on lines of its own."""
+    last on lines of its own, then the one-line key to the metric names."""
     env = {**os.environ, "SEDSFT_CACHE": str(cache_dir), "PYTHONPATH": ""}
     result = subprocess.run(
         [
@@ -170,7 +170,8 @@ def test_cli_console_one_line_per_event_run_dir_first_metrics_table_last(tmp_pat
     assert [m for m, n in Counter(messages).items() if n > 1] == []
     start = next(i for i, line in enumerate(out) if line.startswith("final metrics"))
     assert out[start] == f"final metrics (all in {run / 'metrics.json'}):"
-    rows = dict(line.split() for line in out[start + 1 :])
+    assert out[-1].startswith("key: ") and "lower = more diverse" in out[-1]  # what the names mean
+    rows = dict(line.split() for line in out[start + 1 : -1])
     metrics = json.loads((run / "metrics.json").read_text())
     assert list(rows)[:3] == ["gen/pass@1", "gen/pass@4", "gen/avg@4"]
     assert {"val/loss", "gen/label_entropy"} <= set(rows)
