@@ -365,7 +365,7 @@ def test_one_routes_job_runs_every_stage(tmp_path):
     job = tmp_path / "job"
     command = [
         sys.executable, "src/pipeline.py", "loss=sed", "seed=1", "stages=[sft,positions,rl,routes]",
-        f"sft.overrides={as_list(sft)}", f"rl.overrides={as_list(rl)}", "positions.num_examples=4",
+        f"sft.overrides={as_list(sft)}", f"rl.overrides={as_list(rl)}", "rl.replace=true", "positions.num_examples=4",
         "routes.num_examples=4", "routes.num_samples=2", "routes.forced_samples=1", "routes.max_new_tokens=8",
         f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={job}",
     ]  # fmt: skip

@@ -82,8 +82,12 @@ def check_replaced_overrides(cfg: DictConfig) -> None:
     if not replaced:
         return
     base = stage_config("pipeline", [o for o in given if not o.lstrip("+~").startswith(tuple(f"{s}.overrides=" for s in replaced))])
+    def key(override: str) -> str:
+        return override.lstrip("+~").split("=", 1)[0]
+
     for stage in replaced:
-        dropped = [o for o in base[stage].overrides if o not in cfg[stage].overrides]
+        kept = {key(o) for o in cfg[stage].overrides}  # experiment=routes in place of experiment=toy is a choice
+        dropped = [o for o in base[stage].overrides if key(o) not in kept]
         if dropped:
             raise ValueError(
                 f"{stage}.overrides={list(cfg[stage].overrides)} replaces the stage's base overrides and drops {dropped}, "
