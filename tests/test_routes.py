@@ -93,6 +93,14 @@ def test_splits_are_disjoint_by_numbers_and_by_text():
     assert len(by_numbers["held"]) == 400 and len(by_numbers["cal"]) == 200
 
 
+def test_heldout_and_rl_hard_problems_never_share_a_first_sum():
+    """RL could teach the running-total route an unseen sum by heart; a held-out hard problem's
+    first sum (start + first change) is therefore never one an RL problem computes."""
+    held = {numbers(r)[:2] for r in toy_routes.generate("heldout", 400) if r["difficulty"] == "hard"}
+    rl = {numbers(r)[:2] for r in toy_routes.generate("rl", 2000) if r["difficulty"] == "hard"}
+    assert held and rl and not held & rl
+
+
 def test_generation_is_a_pure_function_of_its_arguments():
     a = toy_routes.generate("rl", 50, seed=7)
     assert a == toy_routes.generate("rl", 50, seed=7)

@@ -51,7 +51,7 @@ SPLITS = ("pretrain", "sft", "calibration", "rl", "heldout")
 
 # share of each difficulty's triples given to each split (the rest of the easy ones go to SFT)
 EASY_SHARES = {"heldout": 0.10, "calibration": 0.05, "rl": 0.15}
-HARD_SHARES = {"heldout": 0.52, "rl": 0.48}  # 200 of the 385 hard triples (default ranges) held out
+HARD_SHARES = {"heldout": 0.52, "rl": 0.48}  # about 200 of the 385 hard triples (default ranges) held out
 # which difficulties a split draws from, with their weights
 SPLIT_MIX = {
     "pretrain": {"easy": 1.0},
@@ -136,18 +136,32 @@ def triples(ranges: Ranges) -> dict[str, tuple[tuple[int, int, int], ...]]:
 @lru_cache(maxsize=16)
 def partition(ranges: Ranges) -> dict[tuple[str, str], tuple[tuple[int, int, int], ...]]:
     """The triples of each ``(split, difficulty)``: disjoint across splits (``pretrain``
-    and ``sft`` share theirs), fixed by ``PARTITION_SEED``."""
+    and ``sft`` share theirs), fixed by ``PARTITION_SEED``; held-out and RL hard problems
+    also never share a first sum."""
     out: dict[tuple[str, str], tuple[tuple[int, int, int], ...]] = {}
-    for kind, shares in (("easy", EASY_SHARES), ("hard", HARD_SHARES)):
-        pool = list(triples(ranges)[kind])
-        random.Random(f"{PARTITION_SEED}-{kind}").shuffle(pool)
-        begin = 0
-        for split, share in shares.items():
-            stop = begin + round(share * len(pool))
-            out[(split, kind)] = tuple(pool[begin:stop])
-            begin = stop
-        if kind == "easy":
-            out[("sft", kind)] = out[("pretrain", kind)] = tuple(pool[begin:])
+    pool = list(triples(ranges)["easy"])
+    random.Random(f"{PARTITION_SEED}-easy").shuffle(pool)
+    begin = 0
+    for split, share in EASY_SHARES.items():
+        stop = begin + round(share * len(pool))
+        out[(split, "easy")] = tuple(pool[begin:stop])
+        begin = stop
+    out[("sft", "easy")] = out[("pretrain", "easy")] = tuple(pool[begin:])
+    # Hard problems are split by their first sum (start, first change), not by triple: the
+    # unseen sums are few (55 with the default ranges), so RL on a held-out problem's first
+    # sum could teach the running-total route that sum by heart; with whole sums apart, what
+    # RL can carry over to held-out hard problems is the choice of route.
+    sums: dict[tuple[int, int], list[tuple[int, int, int]]] = {}
+    for triple in triples(ranges)["hard"]:
+        sums.setdefault(triple[:2], []).append(triple)
+    keys = sorted(sums)
+    random.Random(f"{PARTITION_SEED}-hard").shuffle(keys)
+    total = sum(len(v) for v in sums.values())
+    held: list[tuple[int, int, int]] = []
+    rest: list[tuple[int, int, int]] = []
+    for key in keys:
+        (held if len(held) < HARD_SHARES["heldout"] * total else rest).extend(sums[key])
+    out[("heldout", "hard")], out[("rl", "hard")] = tuple(held), tuple(rest)
     return out
 
 
