@@ -189,7 +189,13 @@ def test_eval_cli_scores_rl_parquet(trained_run, tmp_path, cache_dir):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout.splitlines()
+    # the stages' console: run directory first, the table, where the files are, the key last
+    assert out[0] == f"run directory: {tmp_path.resolve()}"
     assert "pass@1" in result.stdout and "self_bleu" in result.stdout  # the printed table
+    assert out[-2].startswith("all metrics: ") and out[-1].startswith("key: ")
+    console = result.stdout + result.stderr
+    assert console.count("Seed set to") == 1 and "Loading weights" not in console  # once; no loading bars
     records = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     truths = [row["ground_truth"] for row in pd.read_parquet(RL_SAMPLE)["reward_model"]]
     assert [r["gold"] for r in records] == [truth for truth in truths[:3] for _ in range(3)]

@@ -177,8 +177,27 @@ def _load_deepspeed(path: Path) -> dict:
         from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
     except ModuleNotFoundError as err:
         raise ImportError(f"{path} is a DeepSpeed checkpoint; converting it needs pip install 'sedsft[deepspeed]'") from err
-    with tempfile.TemporaryDirectory() as scratch, weights_only_loads():
+    with tempfile.TemporaryDirectory() as scratch, weights_only_loads(), torch.serialization.safe_globals(_deepspeed_classes()):
         return convert_zero_checkpoint_to_fp32_state_dict(path, Path(scratch) / "consolidated.ckpt")
+
+
+def _deepspeed_classes() -> list[type]:
+    """The plain-data classes DeepSpeed pickles into its ZeRO files (loss scaler settings, the
+    ZeRO stage, parameter fragment addresses): rebuilt from their stored fields, nothing else
+    from the file is allowed."""
+    names = {
+        "deepspeed.runtime.fp16.loss_scaler": ("LossScaler", "DynamicLossScaler"),
+        "deepspeed.runtime.zero.config": ("ZeroStageEnum",),
+        "deepspeed.utils.tensor_fragment": ("fragment_address",),
+    }
+    found = []
+    for module, classes in names.items():
+        try:
+            loaded = importlib.import_module(module)
+        except ImportError:
+            continue
+        found += [getattr(loaded, name) for name in classes if hasattr(loaded, name)]
+    return found
 
 
 _TARGET_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")

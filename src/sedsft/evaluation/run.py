@@ -566,11 +566,11 @@ def _check_resume(output_dir: Path, cfg: DictConfig, eval_sets: Sequence[EvalSet
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     console.configure_console()  # one line per event (Lightning's seed line once, not twice)
+    output_dir = Path(cfg.get("resume") or cfg.paths.output_dir)
+    console.announce_run_directory(output_dir)
     L.seed_everything(cfg.seed)
     if cfg.backend not in ("hf", "vllm"):
         raise ValueError(f"backend={cfg.backend!r}: unknown; use backend=hf or backend=vllm")
-    output_dir = Path(cfg.get("resume") or cfg.paths.output_dir)
-    console.announce_run_directory(output_dir)
     if cfg.get("resume"):
         if not output_dir.is_dir():
             raise FileNotFoundError(f"resume={output_dir}: no such eval run directory")
