@@ -21,8 +21,9 @@ working route rare, and RL has to find it on the hard prompts.
 
 Splits are drawn from disjoint sets of number triples ``(start, first, second)``: a
 held-out problem shares neither its text nor its numbers with any SFT, RL or calibration
-problem. Each split's rows are a pure function of ``(split, n, seed, ranges, style
-weights)``.
+problem; held-out and RL hard problems do not even share their first (unseen) sum, so RL
+cannot carry a sum learnt by heart over to the held-out slice. Each split's rows are a pure
+function of ``(split, n, seed, ranges, style weights)``.
 """
 
 from __future__ import annotations
@@ -52,13 +53,13 @@ SPLITS = ("pretrain", "sft", "calibration", "rl", "heldout")
 # share of each difficulty's triples given to each split (the rest of the easy ones go to SFT)
 EASY_SHARES = {"heldout": 0.10, "calibration": 0.05, "rl": 0.15}
 HARD_SHARES = {"heldout": 0.52, "rl": 0.48}  # about 200 of the 385 hard triples (default ranges) held out
-# which difficulties a split draws from, with their weights
+# which difficulties a split draws from, in equal parts, interleaved
 SPLIT_MIX = {
-    "pretrain": {"easy": 1.0},
-    "sft": {"easy": 1.0},
-    "calibration": {"easy": 1.0},
-    "rl": {"easy": 0.5, "hard": 0.5},
-    "heldout": {"easy": 0.5, "hard": 0.5},
+    "pretrain": ("easy",),
+    "sft": ("easy",),
+    "calibration": ("easy",),
+    "rl": ("easy", "hard"),
+    "heldout": ("easy", "hard"),
 }
 PARTITION_SEED = 20_231  # fixes which triples belong to which split; not a run's seed
 
