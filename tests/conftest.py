@@ -97,7 +97,11 @@ def project_cache() -> Path:
 
 @pytest.fixture(autouse=True)
 def _small_threads():
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    # Under pytest-xdist the cores are shared by the workers: more torch threads than a
+    # worker's share make them thrash (one process beside another ran many times slower).
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    share = max(1, (os.cpu_count() or 1) // workers)
+    torch.set_num_threads(min(2, share, torch.get_num_threads()))
 
 
 def compose_config(tmp_path: Path, cache_dir: Path, *overrides: str, shrink: bool = True, name: str = "train.yaml"):

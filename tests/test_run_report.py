@@ -231,3 +231,17 @@ def test_requested_stop_validates_once_with_generation(make_config, tmp_path):
     assert max(steps["train/loss"]) == 1  # stopped after 2 of 12 steps
     assert steps["val/loss"] == [1]
     assert steps["gen/pass@1"] == [1]
+
+
+def test_progress_bar_counts_epochs_from_one():
+    """Lightning's bar reads "Epoch 1/1" on the second epoch of two; the run's reads "Epoch 2/2"."""
+    from types import SimpleNamespace
+
+    from sedsft.sft.callbacks.progress import EpochsFromOneRich
+
+    bar = EpochsFromOneRich()
+    bar._trainer = SimpleNamespace(max_epochs=2)
+    assert bar._get_train_description(0).strip() == "Epoch 1/2"
+    assert bar._get_train_description(1).strip() == "Epoch 2/2"
+    bar._trainer = SimpleNamespace(max_epochs=-1)  # max_steps only
+    assert bar._get_train_description(3).strip() == "Epoch 4"

@@ -11,12 +11,14 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from sedsft.sft import logging as runlog
 from sedsft.sft.callbacks.exception_checkpoint import preempted
+from sedsft.sft.callbacks.progress import progress_bar
 from sedsft.sft.checks import validate_config
 from sedsft.sft.module import SFTModule
 from sedsft.utils import console
@@ -57,6 +59,8 @@ def build(cfg: DictConfig) -> dict[str, Any]:
     )
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = instantiate_list(cfg.get("callbacks"))
+    if cfg.trainer.get("enable_progress_bar", True) and not any(isinstance(c, ProgressBar) for c in callbacks):
+        callbacks.append(progress_bar())  # epochs counted from one (Lightning's reads "Epoch 1/1" on epoch 2 of 2)
     loggers = instantiate_list(cfg.get("logger"))
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return {"datamodule": datamodule, "module": module, "trainer": trainer, "tokenizer": tokenizer}
