@@ -220,6 +220,33 @@ def test_tokenised_data_cache_follows_the_tokenisation_code(monkeypatch, tmp_pat
     assert module._cache_path("train") != before
 
 
+def test_two_processes_wanting_one_base_build_it_once(tmp_path, monkeypatch):
+    """Grid jobs that share a base seed ask for it at the same time: the second waits on the
+    build lock and then finds the base instead of building it again."""
+    import threading
+    import time
+
+    from sedsft.models.tiny import TinyLMSpec
+
+    builds = []
+
+    def slow_build(self, target, recipe):
+        builds.append(target)
+        time.sleep(0.5)
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+
+    monkeypatch.setattr(TinyLMSpec, "_build", slow_build)
+    spec = TinyLMSpec(cache_dir=str(tmp_path), task="routes")
+    paths = []
+    threads = [threading.Thread(target=lambda: paths.append(spec.resolved_path())) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and len(set(paths)) == 1
+
+
 def test_unknown_task_names_the_knob():
     from sedsft.models.tiny import TinyLMSpec
 
