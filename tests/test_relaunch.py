@@ -85,7 +85,7 @@ def test_bad_rl_knob_stops_the_pipeline_before_sft(tmp_path, cache_dir):
     job = tmp_path / "job"
     rl = ["grpo=toy", "grpo.learning_rate=-1"]
     with pytest.raises(ValueError, match=r"rl stage: invalid configuration:\n  grpo.learning_rate=-1 must be > 0"):
-        run_job(job, cache_dir, "loss=ce", "seed=1", f"sft.overrides={as_list(SFT_TINY)}", f"rl.overrides={as_list(rl)}")
+        run_job(job, cache_dir, "loss=ce", "seed=1", f"sft.overrides={as_list(SFT_TINY)}", "rl.add=['grpo.learning_rate=-1']")
     assert not (job / "sft").exists()
     # no stage left a result: the job may be relaunched in place with the knob corrected
     from sedsft.pipeline.job import claim_job_dir
