@@ -33,13 +33,9 @@ SLACK_S = 1.0  # pipe round trip and a loaded machine, on top of the check's own
 HANG_ANSWERS = ["1e99999999", "10^{10^{10}}", "9^{9^{9}}", "(10^{10})!", "2^{2^{34}}"]
 
 
-def _cases():
+def _rows():
     for row in ROWS:
-        gold = GOLD_PARSERS[row["gold_parser"]](row["gold_raw"])
-        for j, case in enumerate(row["cases"]):
-            yield pytest.param(
-                gold, row["question"], case, id=f"{row['benchmark']}-{row['row']}-{j}"
-            )
+        yield pytest.param(row, id=f"{row['benchmark']}-{row['row']}")
 
 
 @pytest.fixture(scope="module")
@@ -57,13 +53,21 @@ def test_the_case_file_covers_every_benchmark():
     assert 0.3 < sum(c["correct"] for c in cases) / len(cases) < 0.7  # right and wrong alike
 
 
-@pytest.mark.parametrize(("gold", "question", "case"), list(_cases()))
-def test_grading_case(warm_pool, gold, question, case):
-    start = time.perf_counter()
-    verdict = grade(case["completion"], gold, question)
-    seconds = time.perf_counter() - start
-    assert verdict.correct is case["correct"], (gold, verdict, case["why"])
-    assert seconds < DEFAULT_TIMEOUT_S + SLACK_S, f"{seconds:.1f} s: {gold!r} vs {verdict.answer!r}"
+@pytest.mark.parametrize("row", list(_rows()))
+def test_grading_cases_of_a_gold(warm_pool, row):
+    """Every case of one gold row (one test per row, not per case: pytest's own overhead per
+    test would cost as much as the cheap checks); all disagreements are reported at once."""
+    gold = GOLD_PARSERS[row["gold_parser"]](row["gold_raw"])
+    wrong, slow = [], []
+    for case in row["cases"]:
+        start = time.perf_counter()
+        verdict = grade(case["completion"], gold, row["question"])
+        seconds = time.perf_counter() - start
+        if verdict.correct is not case["correct"]:
+            wrong.append((verdict.answer, verdict.status, "expected", case["correct"], case["why"]))
+        if seconds >= DEFAULT_TIMEOUT_S + SLACK_S:
+            slow.append((verdict.answer, f"{seconds:.1f} s"))
+    assert not wrong and not slow, f"gold {gold!r}: wrong verdicts {wrong}; over the limit {slow}"
 
 
 # ------------------------------------------------------------------------ the parts, by hand
