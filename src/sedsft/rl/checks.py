@@ -17,16 +17,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from sedsft.sft.checks import _check, _is_number
 from sedsft.utils.batches import rl_batch_problems
+from sedsft.utils.knobs import check_knob, is_number
 from sedsft.utils.world import launcher_world
 
 log = logging.getLogger(__name__)
 
-_MISSING = object()
-
 # key: (type, lowest allowed, highest allowed, None allowed, what the knob is / example);
-# bounds as in sedsft.sft.checks (inclusive unless ("open", value)).
+# bounds as sedsft.utils.knobs.check_knob reads them (inclusive unless ("open", value)).
 RL_KNOBS: dict[str, tuple[type, Any, Any, bool, str]] = {
     "grpo.learning_rate": (float, ("open", 0), None, False, "AdamW lr, e.g. 1e-6"),
     "grpo.epsilon": (float, ("open", 0), None, False, "lower clip of the ratio, 1 - epsilon, e.g. 0.2"),
@@ -66,9 +64,9 @@ RL_KNOBS: dict[str, tuple[type, Any, Any, bool, str]] = {
 
 def validate_rl_config(cfg: DictConfig) -> None:
     """Raise one ``ValueError`` naming every out-of-range or non-numeric RL knob."""
-    problems = [p for key, spec in RL_KNOBS.items() if (p := _check(cfg, key, *spec))]
+    problems = [p for key, spec in RL_KNOBS.items() if (p := check_knob(cfg, key, *spec))]
     low, high = (OmegaConf.select(cfg, f"grpo.{k}", default=None) for k in ("epsilon", "epsilon_high"))
-    if _is_number(low, float) and _is_number(high, float) and low > 0 and 0 < high < low:
+    if is_number(low, float) and is_number(high, float) and low > 0 and 0 < high < low:
         problems.append(
             f"grpo.epsilon_high={high} must be >= grpo.epsilon={low} (the clip range is [1 - epsilon, 1 + epsilon_high]; "
             "null = epsilon)"

@@ -10,7 +10,6 @@ effective global batch is stated before training starts.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import Any
 
@@ -18,10 +17,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 
 from sedsft.data.sources import local_file_problem
+from sedsft.utils.knobs import check_knob, cuda_count, device_count, is_number
 
 log = logging.getLogger(__name__)
 
-_MISSING = object()
 
 # key: (type, lowest allowed, highest allowed, None allowed, what the knob is / example)
 # Bounds are inclusive unless written as ("open", value).
@@ -45,10 +44,10 @@ NUMERIC_KNOBS: dict[str, tuple[type, Any, Any, bool, str]] = {
 def validate_config(cfg: DictConfig) -> None:
     """Raise one ``ValueError`` naming every out-of-range or non-numeric knob; then log the
     effective global batch (and warn when CPU "devices" multiply it)."""
-    problems = [p for key, spec in NUMERIC_KNOBS.items() if (p := _check(cfg, key, *spec))]
+    problems = [p for key, spec in NUMERIC_KNOBS.items() if (p := check_knob(cfg, key, *spec))]
     betas = OmegaConf.select(cfg, "optimizer.betas", default=None)
     if betas is not None and not (
-        len(betas) == 2 and all(_is_number(b, float) and 0 <= b < 1 for b in betas)
+        len(betas) == 2 and all(is_number(b, float) and 0 <= b < 1 for b in betas)
     ):
         problems.append(f"optimizer.betas={list(betas)} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
     problems += _data_file_problems(cfg)
@@ -79,57 +78,6 @@ def _data_file_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
-def _is_number(value: Any, kind: type) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    if kind is int:
-        return isinstance(value, int)
-    return math.isfinite(value)
-
-
-def _check(cfg: DictConfig, key: str, kind: type, low: Any, high: Any, nullable: bool, what: str) -> str | None:
-    value = OmegaConf.select(cfg, key, default=_MISSING)
-    if value is _MISSING or (value is None and nullable):
-        return None
-    shown = f"{key}={value!r}"
-    if not _is_number(value, kind):
-        noun = "an integer" if kind is int else "a number"
-        return f"{shown} must be {noun} ({what})"
-    for bound, below in ((low, True), (high, False)):
-        if bound is None:
-            continue
-        is_open = isinstance(bound, tuple)
-        limit = bound[1] if is_open else bound
-        bad = (value <= limit if is_open else value < limit) if below else (value >= limit if is_open else value > limit)
-        if bad:
-            relation = (">" if is_open else ">=") if below else ("<" if is_open else "<=")
-            return f"{shown} must be {relation} {limit} ({what})"
-    return None
-
-
-def device_count(cfg: DictConfig) -> int | None:
-    """Processes per node the trainer will start, by Lightning's rules for ``devices``
-    (None when it cannot be told from the config alone)."""
-    devices = OmegaConf.select(cfg, "trainer.devices", default=1)
-    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto"))
-    if OmegaConf.is_list(devices) or isinstance(devices, list):
-        return len(devices)
-    if isinstance(devices, str) and "," in devices:
-        return len([d for d in devices.split(",") if d.strip()])
-    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
-        devices = int(devices)
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not _cuda_count())
-    if devices in ("auto", -1):
-        return 1 if on_cpu and devices == "auto" else (os.cpu_count() if on_cpu else _cuda_count())
-    return devices if isinstance(devices, int) else None
-
-
-def _cuda_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 @rank_zero_only
 def _describe_global_batch(cfg: DictConfig) -> None:
     batch = OmegaConf.select(cfg, "data.batch_size", default=None)
@@ -144,7 +92,7 @@ def _describe_global_batch(cfg: DictConfig) -> None:
         batch * accumulate * devices * nodes, batch, accumulate, devices, nodes,
     )  # fmt: skip
     accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto"))
-    if devices > 1 and (accelerator == "cpu" or (accelerator == "auto" and not _cuda_count())):
+    if devices > 1 and (accelerator == "cpu" or (accelerator == "auto" and not cuda_count())):
         cores = os.cpu_count() or 1
         log.warning(
             "trainer.devices=%s on the CPU starts %d training processes (DDP over gloo) sharing %d core(s): "

@@ -64,7 +64,7 @@ def launcher_world(env: Mapping[str, str] | None = None) -> World:
 def lightning_world(cfg: DictConfig, env: Mapping[str, str] | None = None) -> World:
     """``trainer.devices x trainer.num_nodes``, checked against the tasks SLURM started
     (Lightning joins them instead of starting its own) or ``WORLD_SIZE`` under torchrun."""
-    from sedsft.sft.checks import device_count
+    from sedsft.utils.knobs import device_count
 
     env = os.environ if env is None else env
     devices = device_count(cfg)
