@@ -112,7 +112,7 @@ def test_ddp_two_ranks_normalises_over_global_tokens_and_shares_tau(tmp_path, ca
     ]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
-    ranks = [torch.load(probe_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    ranks = [torch.load(probe_dir / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
     # The two ranks saw disjoint halves of the data with unequal token counts.
     rows = [r["rows"] for r in ranks]

@@ -107,7 +107,7 @@ def test_tau_calibrated_once_and_stored(tmp_path, cache_dir):
     assert 0.0 < metrics["calibration/tau"] <= 1.0
     # ~30% of calibration positions are masked by construction (cumsum_ratio 0.7)
     assert 0.2 < metrics["calibration/mask_rate"] < 0.4
-    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["state_dict"]["loss_fn.tau"].item() == pytest.approx(metrics["calibration/tau"])
 
 

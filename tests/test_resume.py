@@ -83,7 +83,7 @@ def trace(monkeypatch):
 
 
 def checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def expected_rows(seed: int, steps: int, start: int = 0) -> list[list[int]]:

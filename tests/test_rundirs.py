@@ -275,7 +275,7 @@ def test_trainings_started_together_keep_their_own_outputs(tmp_path, launch, cac
         loss = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())["loss"]["name"]
         (ckpt,) = (run / "checkpoints").glob("*.ckpt")
         assert (
-            torch.load(ckpt, map_location="cpu", weights_only=False)["sedsft"]["config"]["loss"][
+            torch.load(ckpt, map_location="cpu", weights_only=True)["sedsft"]["config"]["loss"][
                 "name"
             ]
             == loss

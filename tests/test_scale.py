@@ -312,7 +312,7 @@ def lora_run(tmp_path_factory, cache_dir):
 
 def test_lora_trains_adapters_only_and_exports_merged_weights(lora_run):
     out, cfg = lora_run
-    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     spec = hydra.utils.instantiate(cfg.model)
     peft_model = spec.load_model()
     assert is_peft(peft_model)
@@ -394,7 +394,7 @@ def test_export_cli_from_full_and_sharded_checkpoints(make_config, tmp_path):
     assert tau == (tmp_path / "hf" / "sedsft.json").read_text() and '"tau": null' not in tau
 
     # The layout FSDPStrategy(state_dict_type="sharded") writes: DCP shards + meta.pt.
-    checkpoint = torch.load(checkpoint_path, weights_only=False)
+    checkpoint = torch.load(checkpoint_path, weights_only=True)
     sharded = tmp_path / "sharded.ckpt"
     dcp.save({"model": checkpoint.pop("state_dict")}, checkpoint_id=sharded, no_dist=True)
     checkpoint.pop("optimizer_states", None)

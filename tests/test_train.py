@@ -42,7 +42,7 @@ def test_default_run_writes_events_checkpoints_and_loadable_export(make_config, 
     model = AutoModelForCausalLM.from_pretrained(export)
     tokenizer = AutoTokenizer.from_pretrained(export)
     assert tokenizer.chat_template and "<|im_start|>" in tokenizer.chat_template
-    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     for name, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, checkpoint["state_dict"][f"model.{name}"])
     assert checkpoint["sedsft"]["chat_template"] == tokenizer.chat_template
