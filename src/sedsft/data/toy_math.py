@@ -107,6 +107,11 @@ def sample_problem(rng: random.Random) -> Problem:
     second = rng.randint(1, 9) * rng.choice((1, -1))
     if start + first + second < 0:
         second = -second
+    return make_problem(rng, start, first, second)
+
+
+def make_problem(rng: random.Random, start: int, first: int, second: int) -> Problem:
+    """A problem with these numbers and a random name, item and verbs (gain or loss by sign)."""
     return Problem(
         name=rng.choice(NAMES),
         item=rng.choice(ITEMS),

@@ -37,12 +37,10 @@ from functools import lru_cache
 from sedsft.data import toy_math
 from sedsft.data.toy_math import (
     GAIN_VERBS,
-    ITEMS,
-    LOSS_VERBS,
-    NAMES,
     STYLES,
     Problem,
     classify_style,
+    make_problem,
 )
 
 DIFFICULTIES = ("easy", "hard")
@@ -164,19 +162,6 @@ def partition(ranges: Ranges) -> dict[tuple[str, str], tuple[tuple[int, int, int
         (held if len(held) < HARD_SHARES["heldout"] * total else rest).extend(sums[key])
     out[("heldout", "hard")], out[("rl", "hard")] = tuple(held), tuple(rest)
     return out
-
-
-def make_problem(rng: random.Random, start: int, first: int, second: int) -> Problem:
-    """A toy problem with these numbers and a random name, item and verbs."""
-    return Problem(
-        name=rng.choice(NAMES),
-        item=rng.choice(ITEMS),
-        start=start,
-        first=first,
-        second=second,
-        first_verb=rng.choice(GAIN_VERBS if first >= 0 else LOSS_VERBS),
-        second_verb=rng.choice(GAIN_VERBS if second >= 0 else LOSS_VERBS),
-    )
 
 
 def problem_difficulty(problem: Problem, ranges: Ranges) -> str | None:
