@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -47,7 +48,7 @@ def test_slices_respect_their_ranges(split, n):
         assert 1 <= abs(first) <= CHANGE and 1 <= abs(second) <= CHANGE
         assert 0 <= answer <= CAP and row["answer"] == str(answer)
         if row["difficulty"] == "easy":
-            assert 0 <= middle <= CAP and 2 <= start <= CAP + CHANGE
+            assert 0 <= middle <= CAP and 2 <= start <= CAP
         else:
             assert first > 0 and second < 0 and start <= CAP and CAP < middle <= HARD_MAX
 
@@ -57,11 +58,21 @@ def test_mixed_splits_alternate_easy_and_hard():
     assert [r["difficulty"] for r in rows] == ["easy", "hard"] * 5
 
 
-def test_every_number_token_up_to_hard_max_is_a_pretraining_target():
-    """Hard running totals are never computed in pretraining, but each of their tokens is
-    written there (as a start, copied), so the hard slice tests an unseen sum, not an
-    untrained output row."""
-    rows = toy_routes.generate("pretrain", 4000, seed=0)
+def test_no_number_past_cap_is_read_or_written_before_rl():
+    """Every number in a pretraining or SFT text (question and solution, in every style) is
+    in 0..cap: the hard running totals cap+1..hard_max are numbers the model never sees
+    before RL, so reward cannot teach the running-total route to write them."""
+    rows = toy_routes.generate("pretrain", 2000, seed=0) + toy_routes.generate("sft", 2000, seed=0)
+    assert {r["style"] for r in rows} == set(toy_math.STYLES)
+    seen = {int(n) for r in rows for n in re.findall(r"\d+", r["question"] + " " + r["response"])}
+    assert max(seen) == CAP
+
+
+def test_seen_above_cap_makes_every_hard_total_a_pretraining_number():
+    """The earlier variant (``seen_above_cap=True``): easy problems may start above cap and
+    decrease, so each hard running total is read and copied in pretraining, never computed."""
+    ranges = Ranges(seen_above_cap=True)
+    rows = toy_routes.generate("pretrain", 4000, seed=0, ranges=ranges)
     starts = {numbers(r)[0] for r in rows}
     assert set(range(CAP + 1, HARD_MAX + 1)) <= starts
     sums = set()
@@ -140,7 +151,9 @@ def test_question_numbers_and_difficulty_by_hand():
     assert toy_routes.question_difficulty(HARD_Q) == "hard"  # 25 + 10 = 35 > 31
     easy = "Tom has 40 coins. Tom gives away 10 and then finds 1. How many coins does Tom have now?"
     assert toy_routes.question_numbers(easy) == (40, -10, 1)
-    assert toy_routes.question_difficulty(easy) == "easy"  # 30, then 31
+    assert toy_routes.question_difficulty(easy) == "other"  # a start of 40 is past the covered range
+    assert toy_routes.question_difficulty(easy, {"seen_above_cap": True}) == "easy"  # 30, then 31
+    assert toy_routes.question_difficulty("Tom has 30 coins. Tom gives away 10 and then finds 1. How many coins does Tom have now?") == "easy"
     too_big = "Tom has 40 coins. Tom gives away 12 and then finds 3. How many coins does Tom have now?"
     assert toy_routes.question_difficulty(too_big) == "other"  # a change of 12 is outside the task
     assert toy_routes.question_difficulty("What is 2 + 2?") == "other"

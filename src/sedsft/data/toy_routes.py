@@ -5,16 +5,24 @@ Problems and solution styles are the toy's (``toy_math.Problem``, ``toy_math.STY
 occur where, so that the route RL picks matters:
 
 - **Easy** problems (the *covered range*, the only ones pretraining and SFT see): every
-  value a solution *computes* (the running total ``start + first``, the answer and the net
-  change ``first + second``) lies in ``0 .. cap``. The start may exceed ``cap`` (then the
-  first change is a decrease), so every number token up to ``start_max`` is a target in
-  pretraining, as a copied operand and as the left side of a subtraction.
+  number in them, given or computed (start, running total ``start + first``, answer, net
+  change ``first + second``), lies in ``0 .. cap``. The tokenizer still has a token for
+  every whole number up to 63, so the numbers past ``cap`` exist in the vocabulary but are
+  never read or written before RL.
 - **Hard** problems (RL prompts and held-out only): the first change is an increase whose
-  running total lands in ``cap + 1 .. hard_max``, a sum never computed in pretraining or
-  SFT; the start, both changes, the net change and the answer stay covered. A route that
-  writes the running total (``step_by_step``, ``narrative``) has to produce an unseen sum;
-  ``net_change`` adds the two changes, then applies the net change to the start, both
-  covered sums. ``one_equation`` writes no intermediate and is measured, not assumed.
+  running total lands in ``cap + 1 .. hard_max``; the start, both changes, the net change
+  and the answer stay covered. A route that writes the running total (``step_by_step``,
+  ``narrative``) has to write a number the model has never produced; ``net_change`` adds
+  the two changes, then applies the net change to the start, both covered sums.
+  ``one_equation`` writes no intermediate and is measured, not assumed.
+
+Why the hard totals are numbers never seen, not only sums never computed: with every number
+up to ``hard_max`` seen in pretraining (starts above ``cap`` that then decrease,
+``Ranges(seen_above_cap=True)``), GRPO taught the dominant route the unseen sums themselves
+(forced ``step_by_step`` on held-out hard problems 0.02 -> 0.32 after 240 updates, CE, three
+seeds) and the rare route's share did not move, so RL's gain said nothing about exploring
+routes. With the hard totals unseen, the dominant route cannot be rescued by reward within
+an RL budget, and the only way up on the hard slice is the route SFT made rare.
 
 The SFT mix makes a route that writes the running total dominant, so CE-SFT leaves the
 working route rare, and RL has to find it on the hard prompts.
@@ -72,12 +80,17 @@ class Ranges:
         hard_max: largest running total of a hard problem (hard totals: ``cap+1 .. hard_max``).
         max_change: largest size of a change (changes are ``±1 .. max_change``).
         start_min: smallest start.
+        seen_above_cap: whether easy problems may start above ``cap`` (up to
+            ``cap + max_change``, then decrease into it), so that every number up to
+            ``hard_max`` is read and copied in pretraining. Off by default: the hard running
+            totals are then numbers the model never sees before RL (module docstring).
     """
 
     cap: int = 31
     hard_max: int = 41
     max_change: int = 10
     start_min: int = 2
+    seen_above_cap: bool = False
 
     def __post_init__(self):
         if not 0 <= self.start_min <= self.cap < self.hard_max:
@@ -95,8 +108,8 @@ class Ranges:
 
     @property
     def start_max(self) -> int:
-        """Largest start: an easy problem may start above ``cap`` and decrease into it."""
-        return self.cap + self.max_change
+        """Largest start: ``cap``, or ``cap + max_change`` with ``seen_above_cap``."""
+        return self.cap + self.max_change if self.seen_above_cap else self.cap
 
 
 def toy_math_whole_numbers() -> int:
