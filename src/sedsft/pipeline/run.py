@@ -29,7 +29,7 @@ from sedsft.pipeline.job import claim_job_dir, job_identity
 
 log = logging.getLogger(__name__)
 
-STAGES = ("sft", "positions", "rl", "routes")  # routes: the routes task's report (sedsft.pipeline.routes)
+STAGES = ("sft", "positions", "rl", "routes", "eval")  # routes: the routes task's report (sedsft.pipeline.routes); eval: src/eval.py on the job's policies (sedsft.pipeline.evaluation)
 # what a pipeline job keeps of each stage's metrics.json, under <stage>/<key>
 RL_KEYS_BEFORE = "heldout_before/"  # held-out metrics of the SFT policy (before RL)
 RL_KEYS_AFTER = "heldout/"  # held-out metrics after RL
@@ -77,7 +77,7 @@ def check_replaced_overrides(cfg: DictConfig) -> None:
     (``experiment=toy`` ...): a user adding one knob that way would silently run another
     experiment. ``<stage>.add`` adds knobs; ``<stage>.replace=true`` replaces on purpose."""
     given = list(HydraConfig.get().overrides.task)
-    replaced = [s for s in ("sft", "rl") if any(o.lstrip("+~").startswith(f"{s}.overrides=") for o in given)]
+    replaced = [s for s in ("sft", "rl", "eval") if s in cfg and any(o.lstrip("+~").startswith(f"{s}.overrides=") for o in given)]
     replaced = [s for s in replaced if not cfg[s].get("replace", False)]
     if not replaced:
         return
@@ -120,6 +120,10 @@ def run_stage(cfg: DictConfig, stage: str, job_dir: Path) -> dict[str, float]:
         from sedsft.pipeline.routes import run_routes
 
         return run_routes(cfg, job_dir)
+    if stage == "eval":
+        from sedsft.pipeline.evaluation import run_eval
+
+        return run_eval(cfg, job_dir)
     stage_cfg = stage_config("train" if stage == "sft" else "rl", stage_overrides(cfg, stage, job_dir))
     if stage == "sft" and OmegaConf.select(stage_cfg, "logger.tensorboard") is not None:
         # The stage is composed inside the pipeline's Hydra run, whose choices have no
@@ -199,6 +203,10 @@ def run_pipeline(cfg: DictConfig) -> dict[str, Any]:
     claim_job_dir(job_dir, job_identity(cfg, loss_label()))  # refuses another loss, knob or seed
     if "rl" in cfg.stages and not (job_dir / "rl" / "metrics.json").is_file():
         check_rl_stage(cfg, job_dir)  # a bad grpo.* knob stops the job before SFT, not after it
+    if "eval" in cfg.stages and not (job_dir / "eval" / "metrics.json").is_file():
+        from sedsft.pipeline.evaluation import check_eval_stage
+
+        check_eval_stage(cfg, job_dir)  # likewise a bad benchmark knob
     results: dict[str, dict[str, float]] = {}
     for stage in cfg.stages:
         results[stage] = run_stage(cfg, stage, job_dir)
