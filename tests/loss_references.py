@@ -11,7 +11,7 @@ One function per registered loss name in ``REFERENCES``; a function takes float6
 ``z`` [n, V], targets ``y`` [n] and the loss's knobs (those of ``build_loss``; engine knobs
 such as ``chunk_size`` are ignored) and returns the per-token loss [n]. Its keyword defaults
 are the loss's documented defaults (``test_reference_defaults_match_the_loss_defaults``).
-A new loss adds its function here (README: Add a loss).
+A new loss adds its function here (docs/losses.md: Add a loss).
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def missing_reference_message(name: str) -> str:
     return (
         f"loss {name!r} is registered but has no independent float64 reference: add a function "
         f"{name}(z, y, **knobs) written from the paper's formula (not from the loss class) to "
-        "tests/loss_references.py and list it in REFERENCES (README: Add a loss)"
+        "tests/loss_references.py and list it in REFERENCES (docs/losses.md: Add a loss)"
     )
 
 

@@ -1,6 +1,6 @@
 """The benchmark scripts run at a tiny shape and print their tables; vs_peers' check that
 sedsft, Hugging Face Trainer and TRL train on the same tokens holds and catches a
-difference. Timings are not asserted (they belong to the README, measured on purpose)."""
+difference. Timings are not asserted (they belong to docs/performance.md, measured on purpose)."""
 
 from __future__ import annotations
 

@@ -71,7 +71,7 @@ ANALYTIC_IDS = [f"{n}-{kw.get('h', '')}" for n, kw in ANALYTIC]
 
 # What a loss prepares before training (TokenLoss.prepare) is also one of its knobs (None =
 # prepare, as SED's tau); these tests give it a value chosen from their own logits. A loss
-# that prepares itself adds its entry (README: Add a loss).
+# that prepares itself adds its entry (docs/losses.md: Add a loss).
 PREPARED_KNOBS = {
     # a tau between two neighbouring top-k masses of these logits
     "sed": lambda logits, labels, kw: {"tau": sed_tau_between(logits, labels, kw.get("top_k", 10))},
@@ -85,7 +85,7 @@ def knobs_for(name, kw, logits, labels):
         assert name in PREPARED_KNOBS, (
             f"loss {name!r} prepares itself before training: add to PREPARED_KNOBS in "
             "tests/test_losses.py the knob that holds what it prepares, with a value for the "
-            "test's logits (README: Add a loss)"
+            "test's logits (docs/losses.md: Add a loss)"
         )
         kw.update(PREPARED_KNOBS[name](logits, labels, kw))
     return kw
@@ -601,7 +601,7 @@ def test_token_stats():
 
 # -- exact values -----------------------------------------------------------------------------
 def test_label_smoothing_by_hand():
-    # The worked example (README "Add a loss"); these exact values are an extra: the
+    # The worked example (docs/losses.md, "Add a loss"); these exact values are an extra: the
     # parametrised tests above already cover it from its file alone.
     # z = [0, log 3]: p = [1/4, 3/4]; y = 0, eps = 0.2.
     z = torch.tensor([[0.0, math.log(3.0)]], requires_grad=True)

@@ -8,7 +8,7 @@ What is registered has one source: every ``TokenLoss`` subclass with a ``name`` 
 of this package registers itself, and ``registry.py`` imports every such module; nothing
 here lists the losses. A loss class is ``LOSSES[name]`` (or its own module's), and what it
 provides is read off the class: ``has_analytic_gradient()``, ``needs_preparation``,
-``extra_metrics``, its knobs (``loss_knobs``). README: Add a loss.
+``extra_metrics``, its knobs (``loss_knobs``). docs/losses.md: Add a loss.
 """
 
 from sedsft import IGNORE_INDEX

@@ -134,7 +134,7 @@ class TokenLoss(nn.Module):
         if cls.value is TokenLoss.value:
             raise TypeError(
                 f"loss {name!r} ({cls.__module__}.{cls.__qualname__}) must define "
-                "value(z, y): the per-token loss (README: Add a loss)"
+                "value(z, y): the per-token loss (docs/losses.md: Add a loss)"
             )
         other = REGISTRY.get(name)
         where = (cls.__module__, cls.__qualname__)

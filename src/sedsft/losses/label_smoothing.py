@@ -1,5 +1,5 @@
 """Label smoothing (Szegedy et al., "Rethinking the Inception Architecture", CVPR 2016):
-the worked example of README "Add a loss", one file with the value only.
+the worked example of "Add a loss" (docs/losses.md), one file with the value only.
 
 Per target token ``-(1 - eps) log p_y - eps * mean_v log p_v``: cross-entropy against the
 target mixed with the uniform distribution. No ``chunk``: the engine takes the gradient

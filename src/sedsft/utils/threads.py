@@ -4,7 +4,7 @@ torch's default is one intra-op thread per core. Its OpenMP workers spin-wait fo
 other at the end of every parallel operator, so when another process holds one of the
 cores, every small operator waits for a descheduled thread: on a shared 2-core machine the
 tiny model's training and sampling loops ran many times slower with torch's default than
-with one thread (README, "CPU threads"). ``auto`` therefore leaves room: half the cores
+with one thread (docs/performance.md, "CPU threads"). ``auto`` therefore leaves room: half the cores
 this process may run on, at least 1, at most ``AUTO_MAX`` (more threads stop paying off
 for the matrix sizes CPU runs use and only add to the waiting).
 """
