@@ -1,9 +1,13 @@
 """The DeepSpeed paths of the SFT stage, run as far as a CPU allows.
 
-- Loss normalisation: under DeepSpeed the engine owns the gradients, so each micro-batch
-  back-propagates its own token mean and the module leaves the gradients alone; elsewhere
-  it back-propagates the token sum and rescales once per window. Runs without DeepSpeed
-  (a ``DeepSpeedStrategy`` object is enough for the module's decisions).
+- Loss normalisation: on every strategy the gradient of an optimiser step is the sum of the
+  token losses of the accumulation window divided by its target tokens. Under DeepSpeed the
+  token sums pass through Lightning's division by the accumulation and the engine's second
+  one, and the module rescales the engine's gradients at the window's end. Checked twice:
+  with the divisions Lightning and DeepSpeed apply restated by hand (runs without
+  DeepSpeed), and through DeepSpeed's real engine (ZeRO-2 and ZeRO-3 on one gloo rank,
+  Lightning's own loss division and backward call; skipped without DeepSpeed). Lightning
+  itself refuses DeepSpeed without CUDA, so its loop is followed step by step here.
 - Checkpoint conversion: a real ZeRO-2 checkpoint written by DeepSpeed's engine on the CPU
   (one gloo rank), read back by ``sedsft.checkpoints.load_checkpoint``. Needs DeepSpeed
   (``pip install 'sedsft[deepspeed]'``), skipped without it.
@@ -11,6 +15,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import socket
@@ -24,16 +29,60 @@ import sedsft.sft.logging as runlog
 from loss_references import reference
 from sedsft.losses import build_loss
 from sedsft.sft.module import SFTModule
-from sedsft.sft.strategies import owns_gradients, shards_lm_head
+from sedsft.sft.strategies import gradient_divisor, owns_gradients, shards_lm_head
 
 VOCAB = 40
+ACCUMULATE = 2
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None,
+    reason="DeepSpeed is not installed (pip install 'sedsft[deepspeed]')",
+)
 
 
-def deepspeed_strategy(stage: int) -> DeepSpeedStrategy:
-    """A ``DeepSpeedStrategy`` as the module sees it (its class and ZeRO stage), built
-    without DeepSpeed installed (its ``__init__`` would refuse)."""
+@pytest.fixture(scope="module")
+def gloo_rank():
+    """One gloo process group for every DeepSpeed engine of this file: DeepSpeed keeps its
+    process groups cached across engines, so the group is made once and ended at the end."""
+    import torch.distributed as dist
+
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class FakeEngine:
+    """What the module asks DeepSpeed's engine: its accumulation and whether the coming
+    ``step()`` is a boundary (micro-step counting as in ``DeepSpeedEngine``)."""
+
+    def __init__(self, accumulate: int):
+        self.accumulate, self.micro_steps = accumulate, 0
+
+    def gradient_accumulation_steps(self) -> int:
+        return self.accumulate
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro_steps + 1) % self.accumulate == 0
+
+    def step(self) -> None:
+        self.micro_steps += 1
+
+
+def deepspeed_strategy(stage: int, engine=None) -> DeepSpeedStrategy:
+    """A ``DeepSpeedStrategy`` as the module sees it (its class, ZeRO stage and engine),
+    built without DeepSpeed installed (its ``__init__`` would refuse)."""
     strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
     strategy.config = {"zero_optimization": {"stage": stage}}
+    strategy._model = engine
     return strategy
 
 
@@ -42,6 +91,11 @@ class FakeTrainer:
 
     def __init__(self, strategy, accumulate: int):
         self.strategy, self.accumulate_grad_batches, self.world_size = strategy, accumulate, 1
+        self.training = True
+
+    @property
+    def model(self):
+        return self.strategy.model
 
     @staticmethod
     def reduce(value, reduce_op="sum"):
@@ -58,8 +112,9 @@ def small_module(strategy) -> SFTModule:
         lm=None, loss=build_loss("ce"), optimizer=torch.optim.SGD, fused_loss="false"
     )
     module.model = LlamaForCausalLM(config)
-    module._trainer = FakeTrainer(strategy, accumulate=2)
+    module._trainer = FakeTrainer(strategy, accumulate=ACCUMULATE)
     strategy.reduce = FakeTrainer.reduce
+    strategy._lightning_module = module
     return module
 
 
@@ -70,45 +125,112 @@ def micro_batch(length: int, first_target: int, seed: int) -> dict[str, torch.Te
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def token_mean_and_count(module: SFTModule, batch) -> tuple[float, int]:
-    with torch.no_grad():
-        logits = module.model(input_ids=batch["input_ids"]).logits[0, :-1].double()
-    labels = batch["labels"][0, 1:]
-    keep = labels != -100
-    return float(reference("ce", logits[keep], labels[keep]).mean()), int(keep.sum())
+# Two micro-batches of 21 and 4 target tokens: a mean of per-micro-batch means would weigh the
+# 4 tokens like the 21, so the test tells the two normalisations apart.
+WINDOW = [(24, 3, 1), (10, 6, 2)]
+
+
+def reference_gradients(model: torch.nn.Module, batches) -> dict[str, torch.Tensor]:
+    """Float64 gradient of (sum of the token CE losses over all micro-batches) / (their
+    target tokens), from a float64 copy of ``model`` and the CE formula of loss_references."""
+    model = copy.deepcopy(model).double()
+    total, tokens = 0.0, 0
+    for batch in batches:
+        logits = model(input_ids=batch["input_ids"]).logits[0, :-1]
+        labels = batch["labels"][0, 1:]
+        keep = labels != -100
+        total = total + reference("ce", logits[keep], labels[keep]).sum()
+        tokens += int(keep.sum())
+    assert tokens == 25
+    (total / tokens).backward()
+    return {name: p.grad for name, p in model.named_parameters()}
+
+
+def assert_gradients_match(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str):
+    assert actual.keys() == expected.keys()
+    for name, grad in expected.items():
+        torch.testing.assert_close(
+            actual[name].double(), grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{what}, {n}: {m}"
+        )
 
 
 @pytest.mark.parametrize("kind", ["deepspeed", "single_device"])
-def test_micro_batch_normalisation_follows_who_owns_the_gradients(monkeypatch, kind):
-    """Two micro-batches of 21 and 4 target tokens: DeepSpeed gets each one's own mean (its
-    engine divides by the accumulation count itself) and the gradients stay as the engine
-    left them; other strategies get token sums, rescaled by accumulate / total tokens."""
-    monkeypatch.setattr(
-        runlog, "log_metrics", lambda *args, **kwargs: None
-    )  # no Lightning loop here
-    strategy = (
-        deepspeed_strategy(2) if kind == "deepspeed" else SingleDeviceStrategy(torch.device("cpu"))
-    )
+def test_window_gradient_is_token_sum_over_window_tokens_under_each_strategy(monkeypatch, kind):
+    """The divisions Lightning 2.6 and DeepSpeed 0.19 apply to a returned loss, restated:
+    Lightning divides it by the accumulation on every strategy; DeepSpeed's
+    ``engine.backward`` divides it by its ``gradient_accumulation_steps()`` again, and
+    Lightning calls ``on_before_optimizer_step`` after every micro-batch, the engine
+    stepping only at its boundary. Here DeepSpeed's gradients sit in ``.grad`` (as ZeRO
+    keeps them before its reduction); the real engine is the test below."""
+    monkeypatch.setattr(runlog, "log_metrics", lambda *args, **kwargs: None)  # no Lightning loop here
+    engine = FakeEngine(ACCUMULATE)
+    strategy = deepspeed_strategy(2, engine) if kind == "deepspeed" else SingleDeviceStrategy(torch.device("cpu"))
     module = small_module(strategy)
     assert owns_gradients(strategy) is (kind == "deepspeed")
-    batches = [micro_batch(24, 3, seed=1), micro_batch(10, 6, seed=2)]
-    counts = []
+    batches = [micro_batch(*shape) for shape in WINDOW]
+    expected = reference_gradients(module.model, batches)
+    engine_divisor = ACCUMULATE if kind == "deepspeed" else 1
+    assert gradient_divisor(module.trainer) == ACCUMULATE * engine_divisor
+    optimizer = torch.optim.SGD(module.model.parameters(), lr=1.0)
     for i, batch in enumerate(batches):
-        returned = module.training_step(batch, i).detach()
-        mean, count = token_mean_and_count(module, batch)
-        counts.append(count)
-        expected = mean if kind == "deepspeed" else mean * count
-        assert float(returned) == pytest.approx(expected, rel=1e-5), (
-            f"{kind}: micro-batch {i} returned {float(returned):.6f}; expected "
-            f"{'its token mean' if kind == 'deepspeed' else 'its token sum'} {expected:.6f}"
-        )
-    param = next(module.model.parameters())
-    param.grad = torch.ones_like(param)
-    optimizer = torch.optim.SGD([param], lr=1.0)
-    module.on_before_optimizer_step(optimizer)
-    assert counts == [21, 4]
-    scale = 1.0 if kind == "deepspeed" else 2 / 25  # accumulate * world / window tokens
-    torch.testing.assert_close(param.grad, torch.full_like(param, scale))
+        returned = module.training_step(batch, i)
+        (returned / ACCUMULATE / engine_divisor).backward()
+        if kind == "deepspeed" or i == len(batches) - 1:
+            module.on_before_optimizer_step(optimizer)
+            engine.step()
+    got = {name: p.grad for name, p in module.model.named_parameters()}
+    assert_gradients_match(got, expected, kind)
+    assert module._window_tokens == 0  # the window's count starts again after its step
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("stage, clip", [(2, 0.0), (3, 0.0), (2, 1.0)])
+def test_deepspeed_engine_step_applies_token_sum_over_window_tokens(monkeypatch, gloo_rank, stage, clip):
+    """Through DeepSpeed's engine (one gloo rank, fp32, SGD with lr 1 so the weight change is
+    the gradient): each micro-batch goes through the engine's forward (Lightning's
+    ``_forward_redirection`` to ``training_step``), Lightning's ``ClosureResult`` division by
+    the accumulation, ``DeepSpeedPrecision.backward`` (the engine's ``backward``), the
+    module's ``on_before_optimizer_step`` and ``engine.step()``, as Lightning's loop calls them.
+    With clipping at 1.0 (the reference gradient's norm is 1.18) the engine must clip the
+    normalised gradient: the rescaling happens before its clipping, as on other strategies."""
+    import deepspeed
+    from lightning.pytorch.loops.optimization.automatic import ClosureResult
+    from lightning.pytorch.plugins.precision import DeepSpeedPrecision
+    from lightning.pytorch.strategies.strategy import _ForwardRedirection
+
+    monkeypatch.setattr(runlog, "log_metrics", lambda *args, **kwargs: None)
+    strategy = deepspeed_strategy(stage)
+    module = small_module(strategy)
+    batches = [micro_batch(*shape) for shape in WINDOW]
+    expected = reference_gradients(module.model, batches)
+    before = {name: p.detach().clone() for name, p in module.model.named_parameters()}
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": ACCUMULATE,  # Lightning sets it from accumulate_grad_batches
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "gradient_clipping": clip,  # Lightning sets it from trainer.gradient_clip_val (0.0 when unset)
+    }
+    engine, optimizer, *_ = deepspeed.initialize(
+        model=module, optimizer=torch.optim.SGD(module.parameters(), lr=1.0), config=config
+    )
+    strategy._model = engine
+    precision = DeepSpeedPrecision("32-true")
+    assert gradient_divisor(module.trainer) == ACCUMULATE * ACCUMULATE
+    for i, batch in enumerate(batches):
+        returned = _ForwardRedirection()(engine, module, "training_step", batch, i)
+        loss = ClosureResult.from_training_step_output(returned, ACCUMULATE).closure_loss
+        precision.backward(loss, module, optimizer)
+        module.on_before_optimizer_step(optimizer)  # Lightning: Precision._after_closure
+        engine.step()
+    assert engine.global_steps == 1
+    with deepspeed.zero.GatheredParameters(list(module.parameters())):
+        got = {name: before[name] - p.detach() for name, p in module.model.named_parameters()}
+    if clip:
+        norm = torch.sqrt(sum((g**2).sum() for g in expected.values()))
+        assert norm > clip * 1.1, "the case must be one that clipping changes"
+        expected = {name: g * clip / norm for name, g in expected.items()}
+    assert_gradients_match(got, expected, f"ZeRO-{stage}, clip {clip}")
 
 
 def test_lm_head_is_sharded_only_under_zero3():
@@ -132,19 +254,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("deepspeed") is None,
-    reason="DeepSpeed is not installed (pip install 'sedsft[deepspeed]')",
-)
-def test_zero2_checkpoint_written_on_the_cpu_loads_as_one_state_dict(tmp_path, monkeypatch):
+@needs_deepspeed
+def test_zero2_checkpoint_written_on_the_cpu_loads_as_one_state_dict(tmp_path, gloo_rank):
     import deepspeed
-    import torch.distributed as dist
 
     from sedsft.checkpoints import load_checkpoint
 
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
-                       "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():  # fmt: skip
-        monkeypatch.setenv(key, value)
     holder = Holder()
     config = {
         "train_micro_batch_size_per_gpu": 1,
@@ -154,20 +269,12 @@ def test_zero2_checkpoint_written_on_the_cpu_loads_as_one_state_dict(tmp_path, m
     engine, *_ = deepspeed.initialize(
         model=holder, optimizer=torch.optim.SGD(holder.parameters(), lr=0.1), config=config
     )
-    try:
-        loss = (
-            engine.module.model(torch.randn(2, 4, generator=torch.Generator().manual_seed(1))) ** 2
-        ).sum()
-        engine.backward(loss)
-        engine.step()  # the weights move: the checkpoint must hold the new ones
-        # Lightning saves its own keys next to DeepSpeed's as client state
-        engine.save_checkpoint(
-            str(tmp_path / "last.ckpt"), client_state={"global_step": 1, "sedsft": {"seed": 42}}
-        )
-        expected = {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    loss = (engine.module.model(torch.randn(2, 4, generator=torch.Generator().manual_seed(1))) ** 2).sum()
+    engine.backward(loss)
+    engine.step()  # the weights move: the checkpoint must hold the new ones
+    # Lightning saves its own keys next to DeepSpeed's as client state
+    engine.save_checkpoint(str(tmp_path / "last.ckpt"), client_state={"global_step": 1, "sedsft": {"seed": 42}})
+    expected = {k: v.detach().float().clone() for k, v in engine.module.state_dict().items()}
     checkpoint = load_checkpoint(tmp_path / "last.ckpt")
     assert checkpoint["global_step"] == 1 and checkpoint["sedsft"] == {"seed": 42}
     assert checkpoint["state_dict"].keys() == expected.keys()

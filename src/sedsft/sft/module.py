@@ -1,11 +1,13 @@
 """``SFTModule``: a Hugging Face causal LM trained with a pluggable token-level loss.
 
-Loss normalisation follows the paper: the loss of an optimiser step is the *sum* over
-the target tokens of every micro-batch of the accumulation window (on every rank),
-divided by the number of those tokens. Each micro-batch back-propagates its token sum;
-``on_before_optimizer_step`` (after the window's last backward, before clipping)
-all-reduces the window's token count and rescales the gradients. This is exact for
-micro-batches of unequal size and needs no look-ahead into the data.
+Loss normalisation follows the paper, on every strategy (single device, DDP, FSDP,
+DeepSpeed ZeRO-2/3): the loss of an optimiser step is the *sum* over the target tokens of
+every micro-batch of the accumulation window (on every rank), divided by the number of
+those tokens. Each micro-batch back-propagates its token sum; ``on_before_optimizer_step``
+at the window's end (after its last backward, before clipping) all-reduces the window's
+token count and rescales the gradients where the strategy keeps them, undoing what
+Lightning and the strategy divided them by (``sedsft.sft.strategies.gradient_divisor``).
+This is exact for micro-batches of unequal size and needs no look-ahead into the data.
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ from sedsft.losses.base import Preparation, TokenLoss
 from sedsft.models.hf import CausalLMSpec
 from sedsft.sft import logging as runlog
 from sedsft.sft.callbacks.final_validation import ValidateAtEnd
-from sedsft.sft.strategies import owns_gradients, shards_lm_head
+from sedsft.sft.strategies import (
+    ends_accumulation,
+    gradient_divisor,
+    owns_gradients,
+    scale_gradients,
+    shards_lm_head,
+)
 
 log = logging.getLogger(__name__)
 
@@ -193,29 +201,21 @@ class SFTModule(L.LightningModule):
         runlog.log_metrics(
             self, "train", {"target_tokens": float(out.num_tokens)}, on_step=True, on_epoch=False, reduce_fx="sum", batch_size=batch_size
         )
-        if self._global_normalisation():
-            self._window_tokens += out.num_tokens
-            return out.loss_sum
-        return out.loss
-
-    def _global_normalisation(self) -> bool:
-        # DeepSpeed keeps gradients inside its engine, out of reach of the rescaling
-        # below; there each micro-batch is normalised by its own token count.
-        return not owns_gradients(self.trainer.strategy)
+        self._window_tokens += out.num_tokens
+        return out.loss_sum
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        if not self._global_normalisation():
-            return
+        strategy = self.trainer.strategy
+        if not ends_accumulation(strategy):
+            return  # DeepSpeed: a micro-batch inside the window, its gradients still accumulating
         local = torch.tensor(float(self._window_tokens), device=self.device)
-        total = self.trainer.strategy.reduce(local, reduce_op="sum")
+        total = strategy.reduce(local, reduce_op="sum")
         self._window_tokens = 0
-        # Lightning divided each micro-batch loss by the accumulation count and the
-        # strategy averaged gradients over ranks: undo both, then divide by the tokens.
-        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / total.clamp(min=1.0)
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, scale)  # one call over all gradients, not one op per tensor
-        self._check_gradients(optimizer, grads)
+        # Undo what Lightning and the strategy divided the token sums by, then divide by the tokens.
+        scale = gradient_divisor(self.trainer) / total.clamp(min=1.0)
+        grads = scale_gradients(strategy, optimizer, scale)
+        if not owns_gradients(strategy):  # under DeepSpeed, dropping .grad cannot skip the engine's step
+            self._check_gradients(optimizer, grads)
 
     def _check_gradients(self, optimizer: torch.optim.Optimizer, grads: list[torch.Tensor]) -> None:
         # One fused 2-norm (16x cheaper than the inf-norm on the CPU), one host sync: it is

@@ -16,10 +16,11 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, Strategy
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.fsdp.wrap import _Policy
 
 from sedsft.models.compile import decoder_layer_names, decoder_layers
@@ -164,9 +165,84 @@ def shards_lm_head(strategy: Strategy | None) -> bool:
 
 
 def owns_gradients(strategy: Strategy | None) -> bool:
-    """Whether the strategy keeps gradients inside its own engine (DeepSpeed), out of reach
-    of a rescaling in ``on_before_optimizer_step``."""
+    """Whether the strategy keeps gradients inside its own engine (DeepSpeed): its optimiser
+    steps on its own copies, so dropping a parameter's ``.grad`` cannot skip a step."""
     return isinstance(strategy, DeepSpeedStrategy)
+
+
+def gradient_divisor(trainer: Trainer) -> int:
+    """What a training step's returned loss is divided by on its way into the gradients the
+    optimiser step sees, so that ``SFTModule`` can undo it exactly.
+
+    * Lightning divides every micro-batch loss by ``accumulate_grad_batches`` on every
+      strategy (``lightning/pytorch/loops/optimization/automatic.py``, ``closure_loss /
+      normalize``, with ``normalize=trainer.accumulate_grad_batches``).
+    * DeepSpeed's ``engine.backward`` divides it once more by its own
+      ``gradient_accumulation_steps()`` (``scale_wrt_gas=True`` by default; Lightning's
+      ``DeepSpeedPrecision.backward`` passes nothing else), which Lightning sets to the same
+      ``accumulate_grad_batches``: under DeepSpeed the loss is divided by the square.
+    * Data-parallel reductions (DDP, FSDP, ZeRO) average the gradients over the ranks.
+    """
+    divisor = trainer.accumulate_grad_batches * trainer.world_size
+    if isinstance(trainer.strategy, DeepSpeedStrategy):
+        divisor *= trainer.strategy.deepspeed_engine.gradient_accumulation_steps()
+    return divisor
+
+
+def ends_accumulation(strategy: Strategy | None) -> bool:
+    """Whether the optimiser step that ``on_before_optimizer_step`` precedes really updates
+    the weights. Lightning calls the hook once per accumulation window, except under
+    DeepSpeed, where it calls it after every micro-batch and the engine decides which of its
+    ``step()`` calls are accumulation boundaries."""
+    if isinstance(strategy, DeepSpeedStrategy):
+        return strategy.deepspeed_engine.is_gradient_accumulation_boundary()
+    return True
+
+
+def scale_gradients(strategy: Strategy | None, optimizer: Any, scale: float | Tensor) -> list[Tensor]:
+    """Multiply the gradients the coming optimiser step will apply by ``scale``, where the
+    strategy keeps them, and return the tensors scaled (this rank's share).
+
+    Outside DeepSpeed they are the parameters' ``.grad``. DeepSpeed keeps them in its
+    optimiser after the window's last backward: ZeRO-3 in this rank's gradient partition
+    (``safe_get_local_grad`` / ``safe_set_local_grad``), ZeRO-1/2 and the bf16 optimiser in
+    the fragment of the reduced gradient this rank owns (the tensor that DeepSpeed's
+    ``safe_set_full_grad`` writes into, reached without its all-reduce). Every rank scales
+    its own share by the same factor, so the whole gradient is scaled once.
+    """
+    if not owns_gradients(strategy):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, scale)  # one call over all gradients, not one op per tensor
+        return grads
+    scaled = []
+    for param in strategy.lightning_module.parameters():
+        if not param.requires_grad:
+            continue
+        # In the order of DeepSpeed's safe_get_full_grad: where the gradient lives for each optimiser.
+        if getattr(param, "_hp_grad", None) is not None or (param.grad is None and getattr(param, "_hp_mapping", None) is not None):
+            grad = param._hp_mapping.get_lp_grad_fragment(param._index_in_param_group)
+            grad.mul_(scale)
+        elif param.grad is not None:
+            grad = param.grad.mul_(scale)
+        elif hasattr(param, "ds_id"):
+            from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
+
+            grad = safe_get_local_grad(param)
+            if grad is None:
+                continue
+            grad = grad * scale
+            safe_set_local_grad(param, grad)
+        elif hasattr(param, "_hp_mapping"):
+            continue  # a parameter whose partition another rank owns (its _hp_mapping is None here)
+        else:
+            raise RuntimeError(
+                f"cannot reach the gradient of a parameter of shape {tuple(param.shape)} inside the DeepSpeed "
+                f"optimizer {type(strategy.deepspeed_engine.optimizer).__name__}, so the loss cannot be normalised by "
+                "the accumulated batch's target tokens; train with trainer=deepspeed_zero2 or deepspeed_zero3 (or fsdp)"
+            )
+        scaled.append(grad)
+    return scaled
 
 
 def full_state_dict(trainer: Trainer) -> dict:

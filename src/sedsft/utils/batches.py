@@ -191,36 +191,12 @@ def _requested(cfg: DictConfig, *keys: str) -> bool:
     return True
 
 
-def check_normalisation(cfg: DictConfig) -> None:
-    """Refuse a strategy whose loss normalisation differs from the paper's, unless asked.
-
-    The paper's loss of a step is the sum over the target tokens of the whole accumulated
-    batch (all micro-batches, all ranks) divided by their number. On single device, DDP and
-    FSDP the module gets it exactly: each micro-batch back-propagates its token sum and the
-    gradients are rescaled by the all-reduced token count before the step
-    (``SFTModule.on_before_optimizer_step``). Under DeepSpeed the engine keeps the gradients
-    in its own buffers, out of reach of that rescaling, so each micro-batch is normalised by
-    its own token count instead: micro-batches with few target tokens weigh more. (Read in
-    the sources, not run here: Lightning 2.6 divides each micro-batch loss by the accumulation
-    and DeepSpeed's ``engine.backward`` divides it again, so the gradients are also 1 /
-    accumulation of the paper's scale, which changes what clipping at norm 1.0 does.)
-    """
-    target = str(OmegaConf.select(cfg, "trainer.strategy._target_", default="") or "")
-    if "deepspeed" in target and not OmegaConf.select(cfg, "batch.allow_micro_batch_mean", default=False):
-        raise BatchError(
-            f"trainer.strategy={target.rsplit('.', 1)[-1]}: DeepSpeed keeps the gradients in its engine, so the loss "
-            "would be each micro-batch's own token mean, not the paper's sum over the whole accumulated batch divided "
-            "by its target tokens (what trainer=fsdp / ddp / gpu compute). Train with trainer=fsdp (or ddp), or pass "
-            "batch.allow_micro_batch_mean=true to train with per-micro-batch means under DeepSpeed"
-        )
-
-
 def apply_sft_batch(cfg: DictConfig, world: World | Callable[[], World]) -> SFTBatch | None:
     """Set ``trainer.accumulate_grad_batches`` from ``batch.sequences_per_step`` and the
     world size (a ``World``, or a function giving it, asked only when needed); None (config
-    untouched) when the preset states no global batch. First refuses a strategy that would
-    normalise the loss differently (``check_normalisation``)."""
-    check_normalisation(cfg)
+    untouched) when the preset states no global batch. The loss of a step is normalised by
+    the whole accumulated batch's target tokens whatever the strategy (``SFTModule``), so
+    the accumulation derived here changes no normalisation."""
     if not _requested(cfg, "sequences_per_step"):
         if OmegaConf.select(cfg, "trainer.accumulate_grad_batches", default=1) is None:
             raise BatchError(
