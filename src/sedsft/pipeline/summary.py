@@ -67,6 +67,24 @@ ROUTES_METRICS: tuple[tuple[str, str], ...] = (
 )
 
 
+def eval_columns(df: pd.DataFrame) -> list[tuple[str, str]]:
+    """Columns of the benchmarks table (the ``eval`` stage: ``eval/<policy>/<benchmark>/<metric>``):
+    per benchmark, pass@1 and pass@k at the largest k sampled, after SFT and after RL, named
+    ``<benchmark> pass@<k> SFT|RL``."""
+    found: dict[str, dict[int, set[str]]] = {}
+    for column in df.columns:
+        parts = column.split("/")
+        if len(parts) == 4 and parts[0] == "eval" and parts[1] in ("sft", "rl") and parts[3].startswith("pass@"):
+            k = parts[3][len("pass@"):]
+            if k.isdigit():
+                found.setdefault(parts[2], {}).setdefault(int(k), set()).add(parts[1])
+    chosen = []
+    for benchmark, ks in found.items():
+        for k in sorted({1, max(ks)} & set(ks)):
+            chosen += [(f"eval/{p}/{benchmark}/pass@{k}", f"{benchmark} pass@{k} {p.upper()}") for p in ("sft", "rl") if p in ks[k]]
+    return chosen
+
+
 def collect(root: str | Path) -> pd.DataFrame:
     """One row per finished job below ``root``: loss, seed and every stage metric as
     ``<stage>/<key>`` columns."""
@@ -162,7 +180,7 @@ def summary_tables(
 ) -> dict[str, pd.DataFrame]:
     """Tables ``after_sft``, ``after_rl`` (mean ± 95% interval per loss), ``positions`` (mask
     rate and accuracy per kind of position, the base model as row ``base``), ``routes`` (the
-    routes task's report, when the grid ran that stage) and ``*_vs_ref`` (paired differences
+    routes task's report, when the grid ran that stage), ``benchmarks`` (the eval stage's) and ``*_vs_ref`` (paired differences
     to ``reference`` by seed)."""
     out = {}
     for name, prefix in (("after_sft", "heldout_before/"), ("after_rl", "heldout/")):
@@ -179,6 +197,13 @@ def summary_tables(
         out["routes"] = wide(per_loss(renamed, labels), order)
         if reference in set(df["loss"]):
             out[f"routes_vs_{reference}"] = wide(paired(renamed, labels, reference), order)
+    benchmarks = eval_columns(df)
+    if benchmarks:
+        renamed = df.rename(columns=dict(benchmarks))
+        labels = [label for _, label in benchmarks]
+        out["benchmarks"] = wide(per_loss(renamed, labels), order)
+        if reference in set(df["loss"]):
+            out[f"benchmarks_vs_{reference}"] = wide(paired(renamed, labels, reference), order)
     positions = position_frame(df)
     if positions is not None:
         labels = [label for _, label in POSITION_METRICS]
@@ -205,6 +230,8 @@ def write_summary(root: str | Path, reference: str = "ce", order: Sequence[str] 
         f"positions_vs_{reference}": f"Positions, paired difference to {reference} by seed",
         "routes": "Routes task: held-out pass@1 per difficulty and the working route's share of hard samples, SFT and RL policy",
         f"routes_vs_{reference}": f"Routes task, paired difference to {reference} by seed",
+        "benchmarks": "Benchmarks (eval stage): pass@1 and pass@k at the largest k, SFT and RL policy",
+        f"benchmarks_vs_{reference}": f"Benchmarks, paired difference to {reference} by seed",
     }
     for name, table in tables.items():
         if not table.empty:
