@@ -23,7 +23,7 @@ import time
 import torch
 
 from sedsft.data import toy_math
-from sedsft.evaluation.sampling import sample_completions
+from sedsft.evaluation.sampling import SamplingSettings, sample_completions
 from sedsft.models.tiny import TinyLMSpec
 from sedsft.utils.threads import resolve_cpu_threads, usable_cores
 
@@ -61,10 +61,11 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = torch.randint(3, model.config.vocab_size, (16, 96), generator=torch.Generator().manual_seed(0))
     prompts = [[{"role": "user", "content": row["question"]}] for row in toy_math.generate(8, seed=1)]
+    settings = SamplingSettings(num_samples=4, max_new_tokens=32, batch_size=8, seed=0)
 
     def sample() -> None:
         model.eval()
-        sample_completions(model, tokenizer, prompts, num_samples=4, max_new_tokens=32, batch_size=8, seed=0)
+        sample_completions(model, tokenizer, prompts, settings)
         model.train()
 
     workloads = {

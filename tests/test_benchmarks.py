@@ -18,7 +18,7 @@ import torch
 from conftest import ROOT, compose_config
 from sedsft.data.formats import PAPER_SYSTEM_PROMPT, DataError
 from sedsft.evaluation import run as eval_run
-from sedsft.evaluation.backends import SamplingSettings, VLLMBackend, topk_entropy
+from sedsft.evaluation.backends import VLLMBackend, topk_entropy
 from sedsft.evaluation.benchmarks import (
     BenchmarkSpec,
     build_problems,
@@ -28,9 +28,12 @@ from sedsft.evaluation.benchmarks import (
     gold_plain,
     load_rows,
 )
-from sedsft.evaluation.evaluate import pass_at_k_curve
-from sedsft.evaluation.run import GradingSettings, evaluate, results_tables, score_records
-from sedsft.evaluation.sampling import PromptSamples
+from sedsft.evaluation.eval_sets import benchmark_specs
+from sedsft.evaluation.evaluate import pass_at_k_curve, score_records
+from sedsft.evaluation.records import GradingSettings
+from sedsft.evaluation.run import evaluate
+from sedsft.evaluation.sampling import PromptSamples, SamplingSettings
+from sedsft.evaluation.tables import results_tables
 from sedsft.metrics import is_correct
 
 FIXTURES = ROOT / "tests" / "fixtures" / "benchmarks"
@@ -93,7 +96,7 @@ def compose_eval(tmp_path: Path, cache_dir: Path, *overrides: str):
 
 
 def specs_of(cfg) -> dict[str, BenchmarkSpec]:
-    return {spec.name: spec for spec in eval_run.benchmark_specs(cfg)}
+    return {spec.name: spec for spec in benchmark_specs(cfg)}
 
 
 # ----------------------------------------------------------------------------------- configs
@@ -284,7 +287,7 @@ def test_pass_at_k_curve_points():
 
 def test_score_records_hand_computed():
     problems = [SimpleNamespace(gold="1"), SimpleNamespace(gold="2"), SimpleNamespace(gold=None)]
-    eval_set = SimpleNamespace(problems=problems, settings=SimpleNamespace(num_samples=4))
+    eval_set = SimpleNamespace(problems=problems, settings=SamplingSettings(num_samples=4, temperature=0.7))
     correct = [[True, False, False, False], [True, True, False, False], [None] * 4]
     grading = [
         ["correct", "timeout", "no_answer", "no_answer"],
@@ -316,6 +319,7 @@ def test_score_records_hand_computed():
         4.0,
         2.0,
     )
+    assert metrics["temperature"] == 0.7  # the estimator's name in the tables needs it
     assert (
         metrics["grading/timeouts"],
         metrics["grading/refused"],

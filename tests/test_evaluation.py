@@ -16,9 +16,16 @@ import torch
 
 from conftest import ROOT, compose_config
 from sedsft.checkpoints import load_model
+from sedsft.evaluation.eval_sets import eval_prompts
 from sedsft.evaluation.evaluate import label_diversity, score_samples
-from sedsft.evaluation.run import eval_prompts, evaluate
-from sedsft.evaluation.sampling import EntropyTracker, Samples, plan_batches, sample_completions
+from sedsft.evaluation.run import evaluate
+from sedsft.evaluation.sampling import (
+    EntropyTracker,
+    Samples,
+    SamplingSettings,
+    plan_batches,
+    sample_completions,
+)
 from sedsft.sft.training import train
 
 RL_SAMPLE = ROOT / "tests" / "fixtures" / "math_dapo_rl_sample.parquet"  # first 12 rows of the file below
@@ -88,8 +95,9 @@ def test_sampling_is_batched_seeded_and_restores_model_and_tokenizer(trained_run
     model, tokenizer = load_model(str(trained_run))
     model.train()
     prompts = [[{"role": "user", "content": f"What is {a} + 3?"}] for a in (2, 5, 7)]
-    first = sample_completions(model, tokenizer, prompts, num_samples=4, max_new_tokens=10, batch_size=2, seed=0)
-    again = sample_completions(model, tokenizer, prompts, num_samples=4, max_new_tokens=10, batch_size=2, seed=0)
+    settings = SamplingSettings(num_samples=4, max_new_tokens=10, batch_size=2, seed=0)
+    first = sample_completions(model, tokenizer, prompts, settings)
+    again = sample_completions(model, tokenizer, prompts, settings)
     assert [len(group) for group in first.texts] == [4, 4, 4]
     assert all(1 <= n <= 10 for group in first.num_tokens for n in group)
     assert first.texts == again.texts and first.entropy == again.entropy > 0.0
@@ -120,7 +128,7 @@ def test_token_budget_splits_samples_and_keeps_per_sample_entropy(trained_run):
     prompt order; every sample's entropy is summed over exactly its generated tokens."""
     model, tokenizer = load_model(str(trained_run))
     prompts = [[{"role": "user", "content": f"What is {a} + 3? Think it through."}] for a in (2, 5)]
-    samples = sample_completions(model, tokenizer, prompts, num_samples=3, max_new_tokens=6, seed=0, max_batch_tokens=40)
+    samples = sample_completions(model, tokenizer, prompts, SamplingSettings(num_samples=3, max_new_tokens=6, seed=0, max_batch_tokens=40))
     assert [len(group) for group in samples.texts] == [3, 3]
     assert samples.entropy_counts == samples.num_tokens
     total = sum(map(sum, samples.entropy_sums)) / sum(map(sum, samples.entropy_counts))
@@ -131,7 +139,7 @@ def test_sampling_warns_when_prompts_overrun_the_context(trained_run, caplog):
     model, tokenizer = load_model(str(trained_run))
     model.config.max_position_embeddings = 16  # only read by the check
     prompt = [[{"role": "user", "content": "What is 12 + 30? Please think it through carefully."}]]
-    sample_completions(model, tokenizer, prompt, num_samples=1, max_new_tokens=8, seed=0)
+    sample_completions(model, tokenizer, prompt, SamplingSettings(num_samples=1, max_new_tokens=8, seed=0))
     assert "max_new_tokens=8 overran the model's context of 16 positions" in caplog.text
 
 

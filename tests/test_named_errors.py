@@ -123,7 +123,7 @@ def test_non_checkpoint_file_is_named(tmp_path, no_loading, content, problem):
     path = tmp_path / "notes.ckpt"
     path.write_bytes(content)
     with pytest.raises(ValueError) as caught:
-        build_backend("hf", str(path), {"batch_size": 1, "max_batch_tokens": None})
+        build_backend("hf", str(path))
     message = str(caught.value)
     assert message.startswith(f"ckpt={path}: {problem}")
     assert "Lightning .ckpt file" in message  # what ckpt= accepts
@@ -189,7 +189,7 @@ def test_long_rl_prompts_warn(chatml_tokenizer, caplog):
 
 def test_offline_benchmark_names_benchmark_data_dir(tmp_path, cache_dir):
     from sedsft.evaluation.benchmarks import load_rows
-    from sedsft.evaluation.run import benchmark_specs
+    from sedsft.evaluation.eval_sets import benchmark_specs
 
     # a source that cannot be reached (nothing listens on port 9): what an offline machine sees
     url = "http://127.0.0.1:9/aime24/test.jsonl"

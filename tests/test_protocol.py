@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from sedsft.evaluation.run import pass1_sampling
+from sedsft.evaluation.eval_sets import pass1_sampling
 from sedsft.evaluation.sampling import (
+    SamplingSettings,
     check_greedy,
     end_of_turn_ids,
     sample_completions,
@@ -63,15 +64,15 @@ def test_generation_stops_at_the_templates_end_of_turn_too(
 
     monkeypatch.setattr(tiny_model, "generate", recording_generate)
     prompts = [[{"role": "user", "content": "What is 2 + 3?"}]]
-    greedy = sample_completions(tiny_model, chatml_tokenizer, prompts, num_samples=1,
-                                max_new_tokens=6, temperature=0.0)  # fmt: skip
-    again = sample_completions(tiny_model, chatml_tokenizer, prompts, num_samples=1,
-                               max_new_tokens=6, temperature=0.0, seed=123)  # fmt: skip
+    greedy = sample_completions(tiny_model, chatml_tokenizer, prompts,
+                                SamplingSettings(num_samples=1, max_new_tokens=6, temperature=0.0))  # fmt: skip
+    again = sample_completions(tiny_model, chatml_tokenizer, prompts,
+                               SamplingSettings(num_samples=1, max_new_tokens=6, temperature=0.0, seed=123))  # fmt: skip
     assert greedy.texts == again.texts  # greedy: the seed does not matter
     assert seen[0]["eos_token_id"] == [base_eos, im_end]
     assert seen[0]["do_sample"] is False and "temperature" not in seen[0]
     sample_completions(
-        tiny_model, chatml_tokenizer, prompts, num_samples=2, max_new_tokens=4, seed=0
+        tiny_model, chatml_tokenizer, prompts, SamplingSettings(num_samples=2, max_new_tokens=4, seed=0)
     )
     assert seen[-1]["do_sample"] is True and seen[-1]["temperature"] == 1.0
 

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from sedsft.evaluation.backends import SamplingSettings, VLLMBackend
+from sedsft.evaluation.backends import VLLMBackend
+from sedsft.evaluation.sampling import SamplingSettings
 
 # name in the backend -> (file under vllm/, class, kind of member, names used)
 PINNED = {

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,24 +27,13 @@ import torch
 
 from sedsft.evaluation.sampling import (
     PromptSamples,
-    check_greedy,
+    SamplingSettings,
     end_of_turn_ids,
     iter_samples,
     render_prompts,
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How completions are sampled; stored with an evaluation so a resume can check them."""
-
-    num_samples: int  # completions per prompt
-    max_new_tokens: int  # generation budget per completion
-    temperature: float
-    top_p: float
-    seed: int | None
 
 
 class Backend(Protocol):
@@ -64,16 +52,13 @@ class Backend(Protocol):
 
 
 class HFBackend:
-    """Hugging Face ``generate``; ``max_batch_tokens`` bounds memory (``sampling.plan_batches``)."""
+    """Hugging Face ``generate``, batched as the settings say (``sampling.plan_batches``)."""
 
     name = "hf"
     entropy_key = "sampled_entropy"
 
-    def __init__(
-        self, model: Any, tokenizer: Any, batch_size: int = 16, max_batch_tokens: int | None = 32768
-    ):
+    def __init__(self, model: Any, tokenizer: Any):
         self.model, self.tokenizer = model, tokenizer
-        self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
 
     def generate(
         self,
@@ -82,11 +67,7 @@ class HFBackend:
         keys: Sequence[int] | None = None,
     ) -> Iterator[tuple[int, PromptSamples]]:
         # one RNG stream for the whole call: reproducible for the same prompts and settings
-        yield from iter_samples(
-            self.model, self.tokenizer, prompts, num_samples=settings.num_samples,
-            max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, top_p=settings.top_p,
-            batch_size=self.batch_size, seed=settings.seed, max_batch_tokens=self.max_batch_tokens,
-        )  # fmt: skip
+        yield from iter_samples(self.model, self.tokenizer, prompts, settings)
 
 
 def topk_entropy(position: dict[int, Any], k: int) -> float:
@@ -159,7 +140,7 @@ class VLLMBackend:
     ) -> Iterator[tuple[int, PromptSamples]]:
         from vllm import SamplingParams
 
-        check_greedy(settings.temperature, settings.num_samples)  # vLLM: temperature 0 is greedy
+        # vLLM: temperature 0 is greedy (the settings allow it with one sample per prompt only)
         keys = list(range(len(prompts))) if keys is None else list(keys)
         rendered = render_prompts(self.tokenizer, prompts)
         for start in range(0, len(prompts), self.prompts_per_call):
@@ -207,14 +188,14 @@ class VLLMBackend:
 def build_backend(
     name: str,
     ckpt: str,
-    settings: dict[str, Any],
+    vllm: dict[str, Any] | None = None,
     device: str = "auto",
     export_dir: str | Path | None = None,
 ) -> Backend:
-    """The backend ``name`` (``hf`` | ``vllm``) for checkpoint ``ckpt`` (any layout
-    ``sedsft.checkpoints.load_model`` reads). ``settings``: that backend's knobs from the
-    config. vLLM reads Hugging Face directories only: another layout is exported to
-    ``export_dir`` first."""
+    """The backend ``name`` (``hf`` | ``vllm``) with the policy of checkpoint ``ckpt`` loaded
+    (any layout ``sedsft.checkpoints.load_model`` reads). ``vllm``: the vLLM engine's knobs
+    from the config; ``device``: where the HF backend's model goes. vLLM reads Hugging Face
+    directories only: another layout is exported to ``export_dir`` first."""
     from sedsft.checkpoints import hf_directory, save_hf
     from sedsft.model_paths import load_model_from
 
@@ -222,7 +203,7 @@ def build_backend(
         model, tokenizer = load_model_from(ckpt, "ckpt")
         device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         model.to(device)
-        return HFBackend(model, tokenizer, **settings)
+        return HFBackend(model, tokenizer)
     if name == "vllm":
         from transformers import AutoTokenizer
 
@@ -236,7 +217,7 @@ def build_backend(
             directory = save_hf(model, tokenizer, export_dir)
             del model
             log.info("exported %s to %s for vLLM", ckpt, directory)
-        return VLLMBackend(directory, AutoTokenizer.from_pretrained(directory), **settings)
+        return VLLMBackend(directory, AutoTokenizer.from_pretrained(directory), **(vllm or {}))
     raise ValueError(
         f"backend={name!r}: unknown; use backend=hf (Hugging Face generate) or backend=vllm"
     )

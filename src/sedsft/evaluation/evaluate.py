@@ -1,17 +1,25 @@
-"""Score sampled generations: diversity, accuracy, sampled-token entropy."""
+"""Score sampled generations: diversity, accuracy, sampled-token entropy; for an eval run's
+records (``score_records``) and for samples drawn in memory (``score_samples``, the
+training callbacks')."""
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any
 
-from transformers import PreTrainedModel
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from sedsft.evaluation.eval_sets import EvalSet
+from sedsft.evaluation.sampling import Samples, pooled_entropy
+from sedsft.metrics import (
+    AvgAtK,
+    PassAtK,
+    UndefinedMetricWarning,
+    answers_correct,
+    diversity_and_accuracy,
+)
 
-from sedsft.evaluation.sampling import Samples, sample_completions
-from sedsft.metrics import AvgAtK, PassAtK, answers_correct, diversity_and_accuracy
+GRADING_STATUSES = {"timeout": "timeouts", "refused": "refused", "no_answer": "no_answer"}
 
 
 def label_diversity(
@@ -75,34 +83,40 @@ def score_samples(
     return metrics, correct
 
 
-def evaluate_generations(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[list[dict]],
-    golds: Sequence[str | None],
-    num_samples: int = 8,
+def score_records(
+    records: Sequence[dict],
+    eval_set: EvalSet,
+    entropy_key: str | None,
     classify: Callable[[str], str] | None = None,
-    **sampling: Any,
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Sample ``num_samples`` completions per prompt and score them.
-
-    Returns the metrics and one record per sample (prompt index, sample index, prompt,
-    gold, completion, correctness, length) for ``samples.jsonl``.
-    """
-    samples = sample_completions(model, tokenizer, prompts, num_samples=num_samples, **sampling)
-    metrics, correct = score_samples(samples, golds, num_samples, classify)
-    records = [
-        {
-            "prompt_index": i,
-            "sample": j,
-            "prompt": prompt[-1]["content"],
-            "gold": gold,
-            "completion": text,
-            "correct": correct[i][j],
-            "label": classify(text) if classify is not None else None,
-            "new_tokens": samples.num_tokens[i][j],
-        }
-        for i, (prompt, gold) in enumerate(zip(prompts, golds, strict=True))
-        for j, text in enumerate(samples.texts[i])
-    ]
-    return metrics, records
+) -> dict[str, float]:
+    """Every metric of one eval set from its ``samples.jsonl`` records (``score_samples``),
+    with the set's size and sampling, and the count of each grading failure."""
+    k = eval_set.settings.num_samples
+    groups = [records[i : i + k] for i in range(0, len(records), k)]
+    sums = [[r.get("entropy_sum") for r in g] for g in groups]
+    counts = [[r.get("entropy_count") or 0 for r in g] for g in groups]
+    entropy = pooled_entropy(sums, counts)
+    samples = Samples(
+        texts=[[r["completion"] for r in g] for g in groups],
+        num_tokens=[[r["new_tokens"] for r in g] for g in groups],
+        entropy=entropy or 0.0,
+        entropy_sums=sums,
+        entropy_counts=counts,
+    )
+    golds = [p.gold for p in eval_set.problems]
+    correct = [[r["correct"] for r in g] for g in groups]
+    with warnings.catch_warnings():
+        if k == 1:  # one sample per prompt (pass@1 benchmarks): self-BLEU is undefined by design
+            warnings.filterwarnings("ignore", "self-BLEU is undefined", UndefinedMetricWarning)
+        metrics, _ = score_samples(samples, golds, k, classify, correct=correct, curve=True)
+    metrics.pop("sampled_entropy")
+    if entropy_key is not None and entropy is not None:  # the backend's own name for it
+        metrics[entropy_key] = entropy
+    metrics["num_prompts"] = float(len(groups))
+    metrics["num_samples"] = float(k)
+    metrics["num_scored"] = float(sum(gold is not None for gold in golds))
+    metrics["temperature"] = float(eval_set.settings.temperature)
+    statuses = [r.get("grading") for r in records]
+    for status, key in GRADING_STATUSES.items():
+        metrics[f"grading/{key}"] = float(statuses.count(status))
+    return metrics

@@ -12,8 +12,9 @@ every rank, which sharded models (ZeRO-3, FSDP) generating in lockstep rely on.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
@@ -88,6 +89,52 @@ class PromptSamples:
     num_tokens: list[int] = field(default_factory=list)  # generated tokens, stop token included
     entropy_sums: list[float | None] = field(default_factory=list)  # None: backend cannot tell
     entropy_counts: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How completions are sampled, passed whole from the config to every sampler.
+
+    The first five fields decide what is drawn (``drawn``: stored with an evaluation, so a
+    resume can check them); ``batch_size`` and ``max_batch_tokens`` only group the work of
+    the Hugging Face sampler (``plan_batches``). Bad values are refused here, once.
+    """
+
+    num_samples: int = 8  # completions per prompt (k of pass@k / avg@k)
+    max_new_tokens: int = 256  # generation budget per completion
+    temperature: float = 1.0  # 0: greedy decoding, one sample per prompt
+    top_p: float = 1.0  # nucleus threshold
+    seed: int | None = None  # None: the global RNG as it stands
+    batch_size: int = 16  # prompts per generate call at most
+    max_batch_tokens: int | None = None  # rows x (longest prompt + new tokens) per call at most
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1 or self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError(
+                f"num_samples, max_new_tokens and batch_size must be >= 1, got "
+                f"{self.num_samples}, {self.max_new_tokens}, {self.batch_size}"
+            )
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1 or None, got {self.max_batch_tokens}")
+        check_greedy(self.temperature, self.num_samples)
+
+    @classmethod
+    def from_config(cls, block: Mapping[str, Any], **fixed: Any) -> SamplingSettings:
+        """The settings named in a config block (``heldout``, a callback's, ...): its keys
+        that are fields here, the other keys left to their owner; ``fixed`` (e.g. the
+        run's seed) overrides the block; fields absent from both keep their defaults."""
+        picked = {f.name: block[f.name] for f in fields(cls) if f.name in block}
+        return cls(**{**picked, **fixed})
+
+    def drawn(self) -> dict[str, Any]:
+        """The fields that decide the samples (not how the work is batched)."""
+        return {
+            "num_samples": self.num_samples,
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "seed": self.seed,
+        }
 
 
 def plan_batches(
@@ -195,39 +242,32 @@ def iter_samples(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[list[dict]],
-    num_samples: int = 8,
-    max_new_tokens: int = 256,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    batch_size: int = 16,
-    seed: int | None = None,
-    max_batch_tokens: int | None = None,
+    settings: SamplingSettings,
 ) -> Iterator[tuple[int, PromptSamples]]:
-    """Sample ``num_samples`` completions per chat prompt, yielding ``(prompt index, its
-    samples)`` as each prompt completes (in generation order, see ``plan_batches``).
+    """Sample ``settings.num_samples`` completions per chat prompt, yielding ``(prompt index,
+    its samples)`` as each prompt completes (in generation order, see ``plan_batches``).
 
     Prompts are rendered with the chat template and a generation prompt and left-padded.
     Generation stops at the model's EOS and at the template's end-of-turn token
-    (``stop_token_ids``); ``temperature=0`` decodes greedily (``num_samples`` must be 1).
+    (``stop_token_ids``); ``temperature=0`` decodes greedily (``num_samples`` is then 1).
     The model is put in eval mode for the call and restored afterwards (also when the
     caller stops iterating early).
     """
-    if num_samples < 1 or batch_size < 1:
-        raise ValueError(
-            f"num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}"
-        )
-    if max_batch_tokens is not None and max_batch_tokens < 1:
-        raise ValueError(f"max_batch_tokens must be >= 1 or None, got {max_batch_tokens}")
-    check_greedy(temperature, num_samples)
     if not prompts:
         return
-    if seed is not None:
-        torch.manual_seed(seed)
+    if settings.seed is not None:
+        torch.manual_seed(settings.seed)
+    k, max_new_tokens = settings.num_samples, settings.max_new_tokens
     stop_ids = stop_token_ids(model, tokenizer)
     tracker = EntropyTracker(stop_ids)
     rendered = render_prompts(tokenizer, prompts)
     lengths = [len(ids) for ids in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
-    calls = plan_batches(lengths, num_samples, max_new_tokens, batch_size, max_batch_tokens)
+    calls = plan_batches(lengths, k, max_new_tokens, settings.batch_size, settings.max_batch_tokens)
+    decoding = (
+        {"do_sample": False}  # greedy: temperature 0
+        if settings.temperature == 0
+        else {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
+    )
     was_training = model.training
     model.eval()
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
@@ -248,11 +288,6 @@ def iter_samples(
             if context and prompt_length + max_new_tokens > context:
                 longest = max(longest, prompt_length)
             tracker.start(prompt_length)
-            decoding = (
-                {"do_sample": False}  # greedy: temperature 0
-                if temperature == 0
-                else {"do_sample": True, "temperature": temperature, "top_p": top_p}
-            )
             output = model.generate(
                 **inputs,
                 **decoding,
@@ -273,7 +308,7 @@ def iter_samples(
                 part.num_tokens += counts[span]
                 part.entropy_sums += sums[span]
                 part.entropy_counts += positions[span]
-                if len(part.texts) == num_samples:
+                if len(part.texts) == k:
                     yield i, partial.pop(i)
     finally:
         tokenizer.padding_side = padding_side
@@ -290,32 +325,34 @@ def sample_completions(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[list[dict]],
-    num_samples: int = 8,
-    max_new_tokens: int = 256,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    batch_size: int = 16,
-    seed: int | None = None,
-    max_batch_tokens: int | None = None,
+    settings: SamplingSettings,
 ) -> Samples:
-    """Sample ``num_samples`` completions for each chat prompt (``iter_samples``), returned
-    in prompt order."""
-    done = dict(
-        iter_samples(
-            model, tokenizer, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
-            temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed,
-            max_batch_tokens=max_batch_tokens,
-        )
-    )  # fmt: skip
-    ordered = [done[i] for i in range(len(prompts))]
-    return merge_samples(ordered)
+    """Sample completions for each chat prompt (``iter_samples``), returned in prompt order."""
+    done = dict(iter_samples(model, tokenizer, prompts, settings))
+    return merge_samples([done[i] for i in range(len(prompts))])
 
 
 def merge_samples(groups: Sequence[PromptSamples]) -> Samples:
-    """One ``Samples`` from per-prompt samples; the entropy is averaged over all sampled
-    positions (0.0 when the backend did not measure it)."""
+    """One ``Samples`` from per-prompt samples, the entropy pooled by ``pooled_entropy``
+    (0.0 when the backend did not measure it)."""
     sums = [list(g.entropy_sums) for g in groups]
     counts = [list(g.entropy_counts) for g in groups]
+    return Samples(
+        texts=[list(g.texts) for g in groups],
+        num_tokens=[list(g.num_tokens) for g in groups],
+        entropy=pooled_entropy(sums, counts) or 0.0,
+        entropy_sums=sums,
+        entropy_counts=counts,
+    )
+
+
+def pooled_entropy(
+    sums: Sequence[Sequence[float | None]], counts: Sequence[Sequence[int]]
+) -> float | None:
+    """The mean predictive entropy over every sampled position: the per-sample entropy sums
+    (``sums[i][j]``, None where the backend did not measure it) over the positions they
+    cover (``counts[i][j]``); None when no position was measured. Pooling positions, not
+    per-sample means, so a long completion weighs as much as its tokens."""
     known = [
         (s, c)
         for gs, gc in zip(sums, counts, strict=True)
@@ -323,13 +360,7 @@ def merge_samples(groups: Sequence[PromptSamples]) -> Samples:
         if s is not None
     ]
     total = sum(c for _, c in known)
-    return Samples(
-        texts=[list(g.texts) for g in groups],
-        num_tokens=[list(g.num_tokens) for g in groups],
-        entropy=sum(s for s, _ in known) / total if total else 0.0,
-        entropy_sums=sums,
-        entropy_counts=counts,
-    )
+    return sum(s for s, _ in known) / total if total else None
 
 
 def _lengths(generated: torch.Tensor, stop_ids: Sequence[int]) -> list[int]:

@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch
 from transformers import TrainerCallback
 
 from sedsft.evaluation.evaluate import score_samples
-from sedsft.evaluation.sampling import iter_samples, merge_samples
+from sedsft.evaluation.sampling import SamplingSettings, iter_samples, merge_samples
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,8 @@ class RLTensorBoard(TrainerCallback):
 
 
 class HeldoutEval(TrainerCallback):
-    """Samples ``num_samples`` completions for each held-out prompt and scores them, before
-    the first update (``before``), every ``every_n_steps`` updates, and after the last.
+    """Samples completions for each held-out prompt as ``sampling`` says and scores them,
+    before the first update (``before``), every ``every_n_steps`` updates, and after the last.
 
     Under several processes each samples an equal share of the prompts inside TRL's
     generation context (ZeRO-3 parameters gathered, FSDP-1 parameters summoned), the texts
@@ -95,26 +96,16 @@ class HeldoutEval(TrainerCallback):
         golds: Sequence[str | None],
         tokenizer: Any,
         tensorboard: RLTensorBoard | None,
-        num_samples: int = 8,
+        sampling: SamplingSettings,
         every_n_steps: int = 0,
-        max_new_tokens: int = 256,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        batch_size: int = 16,
-        max_batch_tokens: int | None = None,
-        seed: int = 0,
         classify: Callable[[str], str] | None = None,
     ):
-        if num_samples < 1 or every_n_steps < 0:
-            raise ValueError(f"heldout: num_samples must be >= 1 and every_n_steps >= 0, got {num_samples}, {every_n_steps}")
+        if every_n_steps < 0:
+            raise ValueError(f"heldout: every_n_steps must be >= 0, got {every_n_steps}")
         self.prompts, self.golds = list(prompts), list(golds)
         self.tokenizer, self.tensorboard = tokenizer, tensorboard
-        self.num_samples, self.every_n_steps = num_samples, every_n_steps
-        self.sampling = {
-            "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
-            "batch_size": batch_size, "max_batch_tokens": max_batch_tokens,
-        }  # fmt: skip
-        self.seed, self.classify = seed, classify
+        # seed: the base of each evaluation's own (+ 1000 x step + rank); None counts as 0
+        self.sampling, self.every_n_steps, self.classify = sampling, every_n_steps, classify
         self.trainer = None  # set by the caller once the trainer exists (for its accelerator)
         self.history: list[tuple[int, dict[str, float]]] = []
         self.before: dict[str, float] | None = None
@@ -134,13 +125,11 @@ class HeldoutEval(TrainerCallback):
         # a forked RNG: the held-out sampling (seeded per step) leaves the rollouts' RNG as it was,
         # so training does not depend on when or whether the evaluation runs
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        settings = replace(self.sampling, seed=(self.sampling.seed or 0) + step * 1000 + rank)
         with torch.random.fork_rng(devices=devices), self._generation_context(model) as unwrapped:
             shard = [
                 (indices[j], samples)
-                for j, samples in iter_samples(
-                    unwrapped, self.tokenizer, [self.prompts[i] for i in indices],
-                    num_samples=self.num_samples, seed=self.seed + step * 1000 + rank, **self.sampling,
-                )
+                for j, samples in iter_samples(unwrapped, self.tokenizer, [self.prompts[i] for i in indices], settings)
             ]  # fmt: skip
         if world > 1:
             from accelerate.utils import gather_object
@@ -148,7 +137,7 @@ class HeldoutEval(TrainerCallback):
             shard = gather_object(shard)
         by_index = dict(shard)  # a padded duplicate only repeats its prompt's index
         merged = merge_samples([by_index[i] for i in range(count)])
-        metrics, _ = score_samples(merged, self.golds, self.num_samples, self.classify)
+        metrics, _ = score_samples(merged, self.golds, self.sampling.num_samples, self.classify)
         metrics["num_prompts"] = float(count)
         self.seconds += time.perf_counter() - start
         return metrics

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sedsft.data import toy_math
 from sedsft.data.formats import DataError, gold_answer, to_prompt
-from sedsft.data.sources import _digest
+from sedsft.data.sources import LocalFileSource, _digest
 
 log = logging.getLogger(__name__)
 
@@ -175,14 +175,18 @@ def build_train_dataset(data_cfg: DictConfig) -> datasets.Dataset:
     )
 
 
-def heldout_prompts(
-    source_cfg: DictConfig | None, system_prompt: str | None, limit: int | None
-) -> tuple[list[list[dict[str, str]]], list[str | None], str] | None:
-    """The first ``limit`` prompts and golds of a held-out source, and its name (None: no source)."""
-    if source_cfg is None:
+def heldout_prompts(cfg: DictConfig) -> tuple[list[list[dict[str, str]]], list[str | None], str] | None:
+    """The held-out prompts and golds of an RL run, and their source's name: the first
+    ``heldout.num_prompts`` of the file ``heldout.path``, else of the data config's ``val``
+    source (None: neither is set)."""
+    if cfg.heldout.get("path"):
+        source = LocalFileSource(path=str(cfg.heldout.path))
+    elif cfg.data.get("val") is not None:
+        source = hydra.utils.instantiate(cfg.data.val)
+    else:
         return None
-    source = hydra.utils.instantiate(source_cfg)
-    prompts, golds, _ = rl_rows(source, system_prompt, max_skip_frac=1.0)
+    prompts, golds, _ = rl_rows(source, cfg.data.get("system_prompt"), max_skip_frac=1.0)
+    limit = cfg.heldout.get("num_prompts")
     if limit is not None:
         prompts, golds = prompts[:limit], golds[:limit]
     if not prompts:

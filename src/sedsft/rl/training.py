@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from trl import GRPOConfig, GRPOTrainer
 
 from sedsft.checkpoints import hf_directory, read_meta, save_hf
+from sedsft.evaluation.sampling import SamplingSettings
 from sedsft.model_paths import load_model_from
 from sedsft.rl.callbacks import HeldoutEval, RLTensorBoard
 from sedsft.rl.checks import validate_rl_config, warn_long_prompts
@@ -121,6 +123,15 @@ def export_policy(trainer: GRPOTrainer, tokenizer: Any, directory: Path, meta: d
     accelerator.wait_for_everyone()
 
 
+@dataclass(frozen=True)
+class Policy:
+    """The policy an RL run starts from."""
+
+    path: str  # what is loaded: the SFT policy, or a resumed run's checkpoint-<step>
+    origin: str | None  # the SFT policy the export's sedsft.json names
+    knob: str  # the knob a bad path is reported under: policy | resume
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """GRPO from ``cfg.policy``; returns the metrics written to ``metrics.json``."""
     validate_rl_config(cfg)  # numeric knobs by name, before anything is loaded or written
@@ -130,22 +141,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir = shared_output_dir(cfg.paths.output_dir)
     console.announce_run_directory(output_dir)
     resume = find_checkpoint(cfg.resume) if cfg.get("resume") else None
-    first_config = resume.parent.parent / ".hydra" / "config.yaml" if resume else None  # the resumed run's own
-    if resume is not None:
-        check_resume_config(cfg, first_config)  # a resumed run trains with the first run's knobs
-    policy = cfg.policy if not OmegaConf.is_missing(cfg, "policy") else None
-    origin = policy  # the SFT policy the export's sedsft.json names
-    if policy is None:
-        if resume is None:
-            raise ValueError("policy=??? : pass the SFT policy (run dir, HF dir, .ckpt) or resume=<RL run dir>")
-        policy = str(resume)  # a checkpoint-<step> directory is itself a Hugging Face directory
-        origin = OmegaConf.load(first_config).get("policy") if first_config.is_file() else policy
+    policy = resolve_policy(cfg, resume)
     announce(apply_rl_batch(cfg, rl_world()))  # grpo accumulation / rollout size from batch.* and the process count
     args = grpo_config(cfg, output_dir)
 
-    knob = "resume" if OmegaConf.is_missing(cfg, "policy") else "policy"  # what a bad path is reported under
-    model, tokenizer = load_model_from(policy, knob, dtype=cfg.get("policy_dtype", "auto"))
-    log.info("policy %s: %s, %.1fM parameters", policy, type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6)
+    model, tokenizer = load_model_from(policy.path, policy.knob, dtype=cfg.get("policy_dtype", "auto"))
+    log.info("policy %s: %s, %.1fM parameters", policy.path, type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6)
     train_set = build_train_dataset(cfg.data)
     log.info("RL prompts: %d (%s)", len(train_set), cfg.data.train.get("_target_"))
     warn_long_prompts(train_set["prompt"], tokenizer, cfg.get("max_prompt_length"), args.max_completion_length,
@@ -156,42 +157,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     tensorboard = RLTensorBoard(output_dir / "tensorboard")
     stop = StopOnSIGTERM()
-    callbacks: list = [tensorboard, stop]
-    heldout = None
-    if cfg.heldout.enabled:
-        source = {"_target_": "sedsft.data.sources.LocalFileSource", "path": cfg.heldout.path} if cfg.heldout.path else cfg.data.get("val")
-        found = heldout_prompts(source, cfg.data.get("system_prompt"), cfg.heldout.num_prompts)
-        if found is None:
-            log.warning("no held-out prompts (data.val is null and heldout.path unset): rl/heldout/* is not logged")
-        else:
-            prompts, golds, name = found
-            classifier = cfg.heldout.get("sample_classifier")
-            heldout = HeldoutEval(
-                prompts, golds, tokenizer, tensorboard,
-                num_samples=cfg.heldout.num_samples, every_n_steps=cfg.heldout.every_n_steps,
-                max_new_tokens=cfg.heldout.max_new_tokens, temperature=cfg.heldout.temperature,
-                top_p=cfg.heldout.top_p, batch_size=cfg.heldout.batch_size,
-                max_batch_tokens=cfg.heldout.get("max_batch_tokens"), seed=cfg.seed,
-                classify=hydra.utils.get_method(classifier) if classifier else None,
-            )  # fmt: skip
-            heldout.stopping = lambda: stop.signalled
-            if resume is not None:
-                heldout.load(resume)  # the first run's evaluations (step 0 included)
-            callbacks.append(heldout)
-            log.info("held-out evaluation: %d prompts of %s x %d samples", len(prompts), name, cfg.heldout.num_samples)
-
+    heldout = build_heldout(cfg, tokenizer, tensorboard, stop, resume)
     trainer = SedsftGRPOTrainer(
         model=model,
         reward_funcs=reward_funcs,
         args=args,
         train_dataset=train_set,
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=[tensorboard, stop] + ([heldout] if heldout is not None else []),
         max_prompt_length=cfg.get("max_prompt_length"),
     )
     if heldout is not None:
         heldout.trainer = trainer
     use_console(trainer)
+
     start = time.perf_counter()
     try:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -200,21 +179,62 @@ def train(cfg: DictConfig) -> dict[str, float]:
     wall = time.perf_counter() - start
     if stop.signalled:
         raise preempted(output_dir / "checkpoints" / f"checkpoint-{stop.stopped_at}", stop.stopped_at)
-
-    origin_hf = hf_directory(origin) if origin and Path(str(origin)).exists() else None
-    meta = {
-        **(read_meta(origin_hf) if origin_hf else {}),
-        "stage": "rl",
-        "algorithm": "grpo",
-        "policy": str(origin),
-        "rl_steps": trainer.state.global_step,
-    }
-    export_policy(trainer, tokenizer, output_dir / "hf", meta)
+    export_policy(trainer, tokenizer, output_dir / "hf", export_meta(policy.origin, trainer.state.global_step))
     metrics = run_metrics(trainer, heldout, result.metrics, wall, resume)
     if trainer.accelerator.is_main_process:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         print(final_report(metrics, output_dir), flush=True)
     return metrics
+
+
+def resolve_policy(cfg: DictConfig, resume: Path | None) -> Policy:
+    """``policy``, or with ``resume`` alone the checkpoint itself (a Hugging Face directory)
+    and the first run's policy as its origin. A resumed run trains with the first run's
+    knobs: they are checked here, before anything is loaded."""
+    first_config = resume.parent.parent / ".hydra" / "config.yaml" if resume else None  # the resumed run's own
+    if resume is not None:
+        check_resume_config(cfg, first_config)
+    if not OmegaConf.is_missing(cfg, "policy"):
+        return Policy(path=cfg.policy, origin=cfg.policy, knob="policy")
+    if resume is None:
+        raise ValueError("policy=??? : pass the SFT policy (run dir, HF dir, .ckpt) or resume=<RL run dir>")
+    origin = OmegaConf.load(first_config).get("policy") if first_config.is_file() else str(resume)
+    return Policy(path=str(resume), origin=origin, knob="resume")
+
+
+def build_heldout(
+    cfg: DictConfig, tokenizer: Any, tensorboard: RLTensorBoard, stop: StopOnSIGTERM, resume: Path | None
+) -> HeldoutEval | None:
+    """The held-out evaluation of ``cfg.heldout`` (None: disabled, or no held-out prompts),
+    with a resumed run's earlier evaluations loaded."""
+    if not cfg.heldout.enabled:
+        return None
+    found = heldout_prompts(cfg)
+    if found is None:
+        log.warning("no held-out prompts (data.val is null and heldout.path unset): rl/heldout/* is not logged")
+        return None
+    prompts, golds, name = found
+    classifier = cfg.heldout.get("sample_classifier")
+    sampling = SamplingSettings.from_config(cfg.heldout, seed=cfg.seed)
+    heldout = HeldoutEval(prompts, golds, tokenizer, tensorboard, sampling, every_n_steps=cfg.heldout.every_n_steps,
+                          classify=hydra.utils.get_method(classifier) if classifier else None)  # fmt: skip
+    heldout.stopping = lambda: stop.signalled
+    if resume is not None:
+        heldout.load(resume)  # the first run's evaluations (step 0 included)
+    log.info("held-out evaluation: %d prompts of %s x %d samples", len(prompts), name, sampling.num_samples)
+    return heldout
+
+
+def export_meta(origin: str | None, steps: int) -> dict[str, Any]:
+    """``sedsft.json`` of the exported policy: the SFT policy's own record, and this stage's."""
+    origin_hf = hf_directory(origin) if origin and Path(str(origin)).exists() else None
+    return {
+        **(read_meta(origin_hf) if origin_hf else {}),
+        "stage": "rl",
+        "algorithm": "grpo",
+        "policy": str(origin),
+        "rl_steps": steps,
+    }
 
 
 def run_metrics(

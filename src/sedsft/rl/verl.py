@@ -202,15 +202,10 @@ def verl_command(cfg: DictConfig) -> str:
     """The shell command (one override per line); writes the prompt files it names."""
     output_dir = Path(cfg.paths.output_dir)
     train_set = build_train_dataset(cfg.data)
-    source = (
-        {"_target_": "sedsft.data.sources.LocalFileSource", "path": cfg.heldout.path}
-        if cfg.heldout.path
-        else cfg.data.get("val")
-    )
     data_source = cfg.verl.get("data_source") or "math_dapo"
     train_file = write_verl_parquet(train_set["prompt"], train_set["gold"], output_dir / "verl" / "train.parquet", data_source)
     val_file = None
-    found = heldout_prompts(source, cfg.data.get("system_prompt"), cfg.heldout.num_prompts)
+    found = heldout_prompts(cfg)
     if found is not None:
         prompts, golds, _ = found
         val_file = write_verl_parquet(prompts, golds, output_dir / "verl" / "val.parquet", data_source)

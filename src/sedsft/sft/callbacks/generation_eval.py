@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import hydra
@@ -12,7 +13,7 @@ import torch.distributed as dist
 from lightning.pytorch.trainer.states import TrainerFn
 
 from sedsft.evaluation.evaluate import score_samples
-from sedsft.evaluation.sampling import Samples, sample_completions
+from sedsft.evaluation.sampling import Samples, SamplingSettings, iter_samples, merge_samples
 from sedsft.sft import logging as runlog
 from sedsft.sft.callbacks.final_validation import training_ends_here
 
@@ -68,10 +69,9 @@ class GenerationEval(L.Callback):
     ):
         if every_n_val_epochs < 1:
             raise ValueError(f"every_n_val_epochs must be >= 1, got {every_n_val_epochs}")
-        self.every_n_val_epochs = every_n_val_epochs
-        self.num_prompts, self.num_samples = num_prompts, num_samples
-        self.sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "batch_size": batch_size}
-        self.log_prompts, self.seed = log_prompts, seed
+        self.every_n_val_epochs, self.num_prompts, self.log_prompts = every_n_val_epochs, num_prompts, log_prompts
+        self.sampling = SamplingSettings(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
+                                         top_p=top_p, seed=seed, batch_size=batch_size)  # fmt: skip
         self.classify = hydra.utils.get_method(sample_classifier) if sample_classifier else None
         self._validations = 0
         self.last_metrics: dict[str, float] = {}
@@ -86,18 +86,14 @@ class GenerationEval(L.Callback):
         prompts = trainer.datamodule.prompts("val", limit=self.num_prompts)
         mine = prompts[trainer.global_rank :: trainer.world_size]
         # Same seed on every evaluation: sample differences come from the model only.
+        settings = replace(self.sampling, seed=self.sampling.seed + trainer.global_rank)
         with torch.random.fork_rng(devices=[] if pl_module.device.type == "cpu" else [pl_module.device]):
-            samples = sample_completions(
-                pl_module.model, pl_module.tokenizer, [p for p, _ in mine], num_samples=self.num_samples, seed=self.seed + trainer.global_rank, **self.sampling
-            )
-        gathered = _gather((mine, samples))
-        all_prompts = [p for part, _ in gathered for p in part]
-        merged = Samples(
-            texts=[t for _, s in gathered for t in s.texts],
-            num_tokens=[n for _, s in gathered for n in s.num_tokens],
-            entropy=sum(s.entropy * sum(map(sum, s.num_tokens)) for _, s in gathered) / max(1, sum(sum(map(sum, s.num_tokens)) for _, s in gathered)),
-        )
-        metrics, correct = score_samples(merged, [gold for _, gold in all_prompts], self.num_samples, self.classify)
+            done = dict(iter_samples(pl_module.model, pl_module.tokenizer, [p for p, _ in mine], settings))
+        # every rank's (prompt, its samples); the entropy is pooled over all sampled positions
+        pairs = [pair for part in _gather([(prompt, done[i]) for i, prompt in enumerate(mine)]) for pair in part]
+        all_prompts = [prompt for prompt, _ in pairs]
+        merged = merge_samples([samples for _, samples in pairs])
+        metrics, correct = score_samples(merged, [gold for _, gold in all_prompts], self.sampling.num_samples, self.classify)
         self.last_metrics = metrics
         runlog.log_metrics(pl_module, "gen", metrics, prog_bar=(), rank_zero_only=True)
         if trainer.is_global_zero:
