@@ -21,9 +21,12 @@ from sedsft.evaluation.evaluate import label_diversity, score_samples
 from sedsft.evaluation.run import evaluate
 from sedsft.evaluation.sampling import (
     EntropyTracker,
+    PromptSamples,
     Samples,
     SamplingSettings,
+    merge_samples,
     plan_batches,
+    pooled_entropy,
     sample_completions,
 )
 from sedsft.sft.training import train
@@ -102,6 +105,32 @@ def test_sampling_is_batched_seeded_and_restores_model_and_tokenizer(trained_run
     assert all(1 <= n <= 10 for group in first.num_tokens for n in group)
     assert first.texts == again.texts and first.entropy == again.entropy > 0.0
     assert model.training and tokenizer.padding_side == "right"
+
+
+def test_sampling_settings_from_a_config_block_and_refused_values():
+    # a block's own sampling knobs are read, its other knobs left to it; fixed values win
+    block = {"enabled": True, "num_prompts": 64, "num_samples": 4, "temperature": 0.7, "max_batch_tokens": None}
+    settings = SamplingSettings.from_config(block, seed=42)
+    assert settings == SamplingSettings(num_samples=4, temperature=0.7, seed=42)
+    assert (settings.max_new_tokens, settings.top_p, settings.batch_size) == (256, 1.0, 16)  # the defaults
+    assert settings.drawn() == {"num_samples": 4, "max_new_tokens": 256, "temperature": 0.7, "top_p": 1.0, "seed": 42}
+    with pytest.raises(ValueError, match=r"temperature=0 \(greedy\) with num_samples=4"):
+        SamplingSettings(num_samples=4, temperature=0.0)
+    with pytest.raises(ValueError, match="num_samples, max_new_tokens and batch_size must be >= 1, got 0, 256, 16"):
+        SamplingSettings(num_samples=0)
+    with pytest.raises(ValueError, match="max_batch_tokens must be >= 1 or None, got 0"):
+        SamplingSettings(max_batch_tokens=0)
+
+
+def test_pooled_entropy_weighs_every_sampled_position():
+    # two prompts: entropy sums 3.0 over 2 positions, 1.0 over 4, and one sample not measured
+    sums, counts = [[3.0, None], [1.0]], [[2, 0], [4]]
+    assert pooled_entropy(sums, counts) == pytest.approx(4.0 / 6.0)  # not the mean of 1.5 and 0.25
+    assert pooled_entropy([[None]], [[0]]) is None
+    groups = [PromptSamples(["a", "b"], [2, 1], [3.0, None], [2, 0]), PromptSamples(["c"], [4], [1.0], [4])]
+    merged = merge_samples(groups)
+    assert merged.entropy == pytest.approx(4.0 / 6.0) and merged.texts == [["a", "b"], ["c"]]
+    assert merge_samples([PromptSamples(["a"], [1], [None], [0])]).entropy == 0.0  # nothing measured
 
 
 def test_plan_batches_by_count_and_by_token_budget():

@@ -20,8 +20,8 @@ from transformers import AutoModelForCausalLM
 from conftest import ROOT, compose_config
 from sedsft.data import toy_math
 from sedsft.data.formats import DataError
-from sedsft.data.sources import ToyMathSource
-from sedsft.rl.data import ToyMathRLSource, build_train_dataset, rl_gold, rl_rows
+from sedsft.data.sources import LocalFileSource, ToyMathSource
+from sedsft.rl.data import ToyMathRLSource, build_train_dataset, heldout_prompts, rl_gold, rl_rows
 from sedsft.rl.rewards import math_answer_reward, verl_compute_score
 from sedsft.rl.verl import batch_sizes, verl_overrides
 from sedsft.utils.batches import apply_rl_batch
@@ -115,6 +115,19 @@ def test_toy_rl_exclusion_drops_exactly_the_excluded_problems():
     assert rows["question"] == expected
     with pytest.raises(ValueError, match="n must be >= 1"):
         ToyMathRLSource(n=0).load()
+
+
+def test_heldout_prompts_from_a_file_else_the_data_val_source(tmp_path):
+    cfg = compose_config(tmp_path, tmp_path, "policy=unused", "heldout.num_prompts=3", shrink=False, name="rl.yaml")
+    prompts, golds, name = heldout_prompts(cfg)  # no heldout.path: the data config's val split
+    toy = ToyMathSource(n=200, seed=1).load()
+    assert name == "toy_math(n=200, seed=1)" and len(prompts) == 3
+    assert [p[-1]["content"] for p in prompts] == [r["question"] for r in toy][:3] and golds == toy["answer"][:3]
+    cfg.heldout.path = str(RL_SAMPLE)  # a file beats the val source
+    prompts, golds, name = heldout_prompts(cfg)
+    assert name == str(RL_SAMPLE) and len(prompts) == 3 and golds == rl_rows(LocalFileSource(str(RL_SAMPLE)), None)[1][:3]
+    cfg.heldout.path, cfg.data.val = None, None
+    assert heldout_prompts(cfg) is None
 
 
 def test_rl_rows_from_verl_parquet_question_answer_jsonl_and_sft_rows(tmp_path):
@@ -218,10 +231,13 @@ def test_verl_overrides_of_the_paper_preset(tmp_path):
         "data.val_files": "/d/val.parquet",
     }  # fmt: skip
     assert {k: overrides.get(k) for k in expected} == expected
-    assert "custom_reward_function.path" not in overrides  # the paper's reward: verl's own DAPO scorer (math_dapo rows)
-    project = compose_config(tmp_path, tmp_path, "experiment=rl_paper_llama32_3b", f"policy={hf}", "verl.use_project_reward=true",
-                             shrink=False, name="rl.yaml")  # fmt: skip
-    overrides = dict(o.split("=", 1) for o in verl_overrides(project, "/d/train.parquet", "/d/val.parquet"))
+    # the paper's reward: the DAPO scorer with the release's rules (verl's own one reads "Answer:" lines)
+    assert Path(overrides["custom_reward_function.path"]).name == "dapo.py"
+    assert overrides["++custom_reward_function.reward_kwargs.mode"] == "strict_box"
+    assert overrides["++custom_reward_function.reward_kwargs.after_think"] == "True"
+    checker = compose_config(tmp_path, tmp_path, "experiment=rl_paper_llama32_3b", f"policy={hf}",
+                             "reward.funcs.0._target_=sedsft.rl.rewards.math_answer_reward", shrink=False, name="rl.yaml")  # fmt: skip
+    overrides = dict(o.split("=", 1) for o in verl_overrides(checker, "/d/train.parquet", "/d/val.parquet"))
     assert Path(overrides["custom_reward_function.path"]).name == "rewards.py"
 
 
