@@ -1,0 +1,1 @@
+"""Tables and figures of pipeline grids from their run records (``src/plots.py``)."""
