@@ -134,7 +134,7 @@ def test_summed_rl_learning_rate_is_a_fifth_of_sfts_as_in_the_paper(composed):
 
 def test_eval_preset_samples_four_benchmarks_64_times_with_vllm(composed):
     cfg = composed("experiment=gpu1_eval", "ckpt=unused", name="eval.yaml")
-    from sedsft.evaluation.run import benchmark_specs, pass1_sampling
+    from sedsft.evaluation.eval_sets import benchmark_specs, pass1_sampling
 
     specs = benchmark_specs(cfg)
     assert [s.name for s in specs] == BENCHMARKS
@@ -180,6 +180,21 @@ def test_eval_stage_overrides_resume_an_interrupted_evaluation_and_refuse_unknow
         cfg.eval.policies = bad
         with pytest.raises(ValueError, match=r"eval.policies=.*\['sft', 'rl'\]"):
             eval_policies(cfg)
+
+
+def test_eval_stage_runs_in_one_process_with_its_own_rendezvous(monkeypatch):
+    from sedsft.pipeline.evaluation import check_single_process, eval_env
+
+    check_single_process({})
+    for env in ({"WORLD_SIZE": "2"}, {"SLURM_NTASKS": "8", "SLURM_JOB_NAME": "pipeline"}):
+        with pytest.raises(ValueError, match="each process would evaluate the same policies"):
+            check_single_process(env)
+    # what TRL's colocate mode leaves in the job process is not handed to the evaluation process
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "localhost", "MASTER_PORT": "29513"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("SEDSFT_CACHE", "/somewhere")
+    env = eval_env()
+    assert env["SEDSFT_CACHE"] == "/somewhere" and not {"RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"} & set(env)
 
 
 def test_eval_metrics_are_kept_per_policy_and_benchmark():
@@ -265,8 +280,10 @@ def test_one_job_of_the_grid_runs_end_to_end_on_cpu_with_the_tiny_model(tmp_path
         "data.batch_size=4", "batch.sequences_per_step=8", "data.max_length=128", "trainer.max_steps=2",  # budget
         "data.num_workers=0", "loss.calib_num_examples=4",
     ]  # fmt: skip
+    rl_cfg = compose_config(tmp_path / "rl_cfg", cache_dir, "experiment=gpu1_rl", "policy=unused", shrink=False, name="rl.yaml")
+    pinned = ["data.train.sha256=null"] if "sha256" in rl_cfg.data.train else []  # the real file's hash, not the stand-in's
     rl_add = [
-        f"data.path={files['rl']}",  # data
+        f"data.path={files['rl']}", *pinned,  # data
         "grpo.use_vllm=false", "grpo.bf16=false", "policy_dtype=auto", "+grpo.dataloader_pin_memory=false",  # device
         "batch.rollout_prompts=4", "batch.prompts_per_update=2", "grpo.num_generations=2",  # budget
         "grpo.max_steps=2", "grpo.max_completion_length=16", "grpo.activation_checkpointing=false",

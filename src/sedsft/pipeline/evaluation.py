@@ -15,11 +15,12 @@ evaluation finished is not evaluated again; one that was interrupted continues i
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
+import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 
 EVAL_SCRIPT = Path(__file__).resolve().parents[3] / "src" / "eval.py"
 POLICIES = ("sft", "rl")  # what a job's stages leave to evaluate: <job dir>/sft, <job dir>/rl
+# The rendezvous of the job process's own process group (TRL's colocate mode sets them for its
+# vLLM engine): the evaluation process starts its own and must not reuse that port.
+RENDEZVOUS_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def eval_policies(cfg: DictConfig) -> list[str]:
@@ -79,21 +83,31 @@ def flat_metrics(summary: dict[str, Any], policy: str) -> dict[str, float]:
     return {f"{policy}/{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def release_gpu_memory() -> None:
-    """Give back what the job process's caching allocator holds of the finished stages, so the
-    evaluation process finds it free (what live objects still hold stays taken)."""
-    gc.collect()
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+def check_single_process(env: Mapping[str, str] | None = None) -> None:
+    """The eval stage runs once per job: in a job of several processes (SLURM tasks, torchrun)
+    every one of them would start the same evaluation into the same directory."""
+    from sedsft.utils.world import launcher_world
+
+    world = launcher_world(env)
+    if world.size > 1:
+        raise ValueError(
+            f"the eval stage runs in a one-process job, and this job has {world}: each process would evaluate "
+            "the same policies into the same directory. Run the grid without eval (stages=[sft,rl]) and evaluate "
+            "afterwards in one process: the same grid relaunched into its sweep directory with stages=[eval] on "
+            "one node, or python src/eval.py ckpt=<job>/rl (vllm.tensor_parallel_size=<GPUs> shards a model)"
+        )
+
+
+def eval_env() -> dict[str, str]:
+    """The evaluation process's environment: the job's, less its process group's rendezvous."""
+    return {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARS}
 
 
 def run_eval(cfg: DictConfig, job_dir: Path) -> dict[str, float]:
     """Evaluate each of ``eval.policies`` in its own ``src/eval.py`` process; write and return
     ``<job dir>/eval/metrics.json``."""
+    from sedsft.pipeline.run import release_gpu_memory
+
     metrics: dict[str, float] = {}
     for policy in eval_policies(cfg):
         if not (job_dir / policy).is_dir():
@@ -106,7 +120,7 @@ def run_eval(cfg: DictConfig, job_dir: Path) -> dict[str, float]:
             release_gpu_memory()
             command = [sys.executable, str(EVAL_SCRIPT), *eval_overrides(cfg, job_dir, policy)]
             log.info("eval: %s policy, in %s", policy, out)
-            done = subprocess.run(command, check=False)
+            done = subprocess.run(command, env=eval_env(), check=False)
             if done.returncode != 0:
                 raise RuntimeError(
                     f"eval stage: src/eval.py on the {policy} policy exited with status {done.returncode} (its "
@@ -124,6 +138,7 @@ def check_eval_stage(cfg: DictConfig, job_dir: Path) -> None:
     benchmark knob stops the job before SFT rather than after RL."""
     from sedsft.pipeline.run import stage_config
 
+    check_single_process()
     try:
         for policy in eval_policies(cfg):
             stage_config("eval", composable(eval_overrides(cfg, job_dir, policy)))
