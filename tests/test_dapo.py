@@ -50,6 +50,38 @@ def test_strict_box_mode_hand_cases(completion, gold, correct):
     assert score(completion, gold, mode="strict_box")[0] is correct
 
 
+# The release's rules (its vendored verl forces strict_box and reads after </think>): what the
+# paper presets score with. A completion as the released RL prompts get it: a bare question,
+# answered in a box as the SFT system prompt taught.
+THINKING = "<think>\nTry 3: no. Then \\boxed{4}?\n</think>\n"
+RELEASE = {"mode": "strict_box", "after_think": True}
+
+
+@pytest.mark.parametrize(
+    ("completion", "gold", "correct"),
+    [
+        (THINKING + "The total is \\boxed{5}.", "5", True),
+        (THINKING + "The total is \\boxed{5}.", "4", False),  # the box inside the thinking is not read
+        ("<think>\nso \\boxed{5}\n</think>", "5", False),  # nothing after </think>: no answer
+        ("reasoning without an opening tag </think> so \\boxed{5}", "5", True),  # one tag only: read whole
+        ("<think>a</think> so \\boxed{4} </think> \\boxed{5}", "4", True),  # up to a second </think>
+        (THINKING + "\\boxed{5}" + " " * 100, "5", False),  # still the last 100 characters only
+        ("The answer is \\boxed{5.0}.", "5", False),  # equal as written: no normalisation
+    ],
+)
+def test_release_rules_hand_cases(completion, gold, correct):
+    assert score(completion, gold, **RELEASE)[0] is correct
+
+
+def test_release_rules_score_boxed_answers_that_minerva_mode_fails():
+    """Why the paper presets do not use verl's default mode: the released RL prompts ask for
+    no "Answer:" line, so a correct boxed answer is -1 in minerva mode and 1 in the release's."""
+    completion = THINKING + "Each of the 5 rows holds 8 seats, so there are \\boxed{40} seats."
+    assert dapo_reward([completion], ["40"]) == [-1.0]  # minerva mode
+    assert dapo_reward([completion], ["40"], **RELEASE) == [1.0]
+    assert verl_compute_score("math_dapo", completion, "40", **RELEASE) == {"score": 1.0, "acc": True, "pred": "40"}
+
+
 def test_rewards_are_plus_and_minus_one_and_none_without_gold():
     completions = [[{"role": "assistant", "content": "Answer: 4"}], "Answer: 5", "Answer: 6"]
     assert dapo_reward(completions, ["4", "4", None]) == [1.0, -1.0, None]

@@ -227,7 +227,9 @@ def test_verl_command_on_4_gpus_keeps_the_global_mini_batch(tmp_path):
     assert overrides["actor_rollout_ref.actor.ppo_mini_batch_size"] == "32"  # was 16 on 4 GPUs
     assert overrides["data.train_batch_size"] == "256" and overrides["trainer.n_gpus_per_node"] == "4"
     assert "trainer.val_before_train" not in overrides and "actor_rollout_ref.actor.optim.weight_decay" not in overrides
-    assert "custom_reward_function.path" not in overrides  # verl's own DAPO scorer, by data_source=math_dapo
+    # the release's DAPO rules through the project's scorer (verl's own one would read "Answer:" lines)
+    assert overrides["custom_reward_function.path"].endswith("dapo.py")
+    assert overrides["++custom_reward_function.reward_kwargs.mode"] == "strict_box"
     assert cfg.verl.data_source == "math_dapo"
 
 
@@ -249,8 +251,12 @@ def test_rl_presets_follow_the_released_data_and_scorer(tmp_path, preset):
     assert cfg.data.system_prompt is None  # the released prompts carry a user turn only
     assert Path(cfg.data.path).name == "math_dapo_rl_2069.parquet" and Path(cfg.heldout.path).name == "aime-2024.parquet"
     reward = OmegaConf.to_container(cfg.reward.funcs[0])
-    assert reward == {"_target_": "sedsft.rl.dapo.dapo_reward", "_partial_": True, "mode": "minerva",
-                      "correct": 1.0, "wrong": -1.0}  # fmt: skip
+    assert reward == {"_target_": "sedsft.rl.dapo.dapo_reward", "_partial_": True, "mode": "strict_box",
+                      "after_think": True, "correct": 1.0, "wrong": -1.0}  # fmt: skip  (the release's rules)
+    assert cfg.verl.use_project_reward  # verl's own math_dapo scorer would read "Answer:" lines
+    # The release's RL file, pinned by its SHA-256 (pppa2019/SED-SFT@1a251a9d); AIME-2024 not pinned.
+    assert cfg.data.train.sha256 == "bf24da10600809f85640f736a8aaa8c06ebc8a6d8e2da9dca52c1dd0af84be8e"
+    assert cfg.heldout.sha256 is None
     assert (cfg.batch.rollout_prompts, cfg.batch.prompts_per_update, cfg.grpo.num_generations) == (256, 32, 8)
 
 
@@ -281,6 +287,60 @@ def test_every_strategy_takes_the_paper_batch_with_the_same_normalisation(compos
     cfg = composed("experiment=paper_llama32_3b_ce", f"trainer={trainer}", "trainer.devices=8")
     assert "allow_micro_batch_mean" not in cfg.batch
     assert apply_sft_batch(cfg, lightning_world(cfg, {})).accumulation == 16
+
+
+def test_pinned_local_file_is_read_only_when_its_sha256_matches(tmp_path, caplog):
+    import hashlib
+    import logging
+
+    import pandas as pd
+
+    from sedsft.data.formats import DataError
+    from sedsft.data.sources import LocalFileSource
+
+    path = tmp_path / "prompts.parquet"
+    pd.DataFrame({"question": ["1+1?", "2+2?"], "answer": ["2", "4"]}).to_parquet(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    with caplog.at_level(logging.INFO, logger="sedsft.data.sources"):
+        assert len(LocalFileSource(str(path), sha256=digest.upper()).load()) == 2
+    assert f"SHA-256 {digest}, as pinned" in caplog.text  # said in the run's log
+    other = "0" * 64
+    with pytest.raises(DataError, match=rf"prompts.parquet.*has SHA-256 {digest}, not the pinned {other}.*sha256=null"):
+        LocalFileSource(str(path), sha256=other).load()
+    assert len(LocalFileSource(str(path)).load()) == 2  # unpinned: read as it is
+
+
+def test_heldout_file_pin_is_passed_to_the_source(tmp_path):
+    from sedsft.data.formats import DataError
+    from sedsft.rl.data import heldout_prompts
+
+    path = tmp_path / "aime.jsonl"
+    path.write_text('{"question": "1+1?", "answer": "2"}\n')
+    cfg = OmegaConf.create({"heldout": {"path": str(path), "sha256": "0" * 64, "num_prompts": None},
+                            "data": {"system_prompt": None}})  # fmt: skip
+    with pytest.raises(DataError, match="not the pinned"):
+        heldout_prompts(cfg)
+    cfg.heldout.sha256 = None
+    assert heldout_prompts(cfg)[1] == ["2"]
+
+
+def test_pinned_hub_revision_is_passed_and_logged(monkeypatch, caplog):
+    import logging
+
+    import datasets
+
+    from sedsft.data.sources import HubSource
+
+    seen = {}
+
+    def load_dataset(name, subset, split, revision):
+        seen["revision"] = revision
+        return datasets.Dataset.from_dict({"question": ["q"], "response": ["r"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with caplog.at_level(logging.INFO, logger="sedsft.data.sources"):
+        HubSource("owner/data", revision="abc123").load()
+    assert seen["revision"] == "abc123" and "owner/data: revision abc123, as pinned" in caplog.text
 
 
 def test_unpinned_hub_data_reads_and_logs_the_current_commit(monkeypatch, caplog):

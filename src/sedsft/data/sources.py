@@ -105,10 +105,13 @@ class LocalFileSource:
     Attributes:
         path: the file.
         rows: optional ``[start, stop)`` row range, e.g. ``[0, 20000]``.
+        sha256: the file's SHA-256 (hex), pinning a released file: a different file is refused
+            before it is read. None: read whatever is there.
     """
 
     path: str
     rows: list[int] | None = None
+    sha256: str | None = None
 
     @property
     def name(self) -> str:
@@ -123,11 +126,34 @@ class LocalFileSource:
         if problem is not None:
             raise DataError(self.path, None, None, problem)
         path = Path(self.path)
+        if self.sha256:
+            check_sha256(path, self.sha256)
         if LOCAL_FORMATS[path.suffix.lower()] == "json":
             ds = _load_json(path)
         else:
             ds = datasets.Dataset.from_parquet(str(path), keep_in_memory=True)
         return _select_rows(ds, self.rows, self.name)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_sha256(path: Path, expected: str) -> None:
+    """Refuse a file whose SHA-256 is not the pinned one (a different release, a re-export,
+    a truncated download), and say in the log which file was verified."""
+    actual = file_sha256(path)
+    if actual != expected.strip().lower():
+        raise DataError(
+            str(path), None, None,
+            f"has SHA-256 {actual}, not the pinned {expected}: it is not the file the config names. Put the "
+            "pinned file there (the config's comment says where it is published), or set sha256=null to read it as it is",
+        )  # fmt: skip
+    log.info("%s: SHA-256 %s, as pinned", path, actual)
 
 
 def local_file_problem(path: str) -> str | None:
@@ -287,6 +313,8 @@ class HubSource:
         return _digest(asdict(self))
 
     def load(self) -> datasets.Dataset:
+        if self.revision:
+            log.info("%s: revision %s, as pinned", self.name, self.revision)
         revision = self.revision or current_revision(self.name)
         ds = datasets.load_dataset(self.name, self.subset, split=self.split, revision=revision)
         return _select_rows(ds, self.rows, self.name)

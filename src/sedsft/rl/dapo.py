@@ -10,6 +10,15 @@ DAPO math scorer: a rule match of the final answer, with no symbolic algebra. It
 * ``mode="strict_box"``: the content of the last ``\\boxed{...}`` in the last 100 of those
   characters must equal the gold exactly (no normalisation).
 * Score 1.0 when correct, -1.0 otherwise.
+* ``after_think=True``: a completion holding both ``<think>`` and ``</think>`` is read from
+  after its first ``</think>`` (nothing after it reads as no answer), before the cut above.
+
+Which rules the paper ran: upstream verl calls the scorer in minerva mode, but the authors'
+vendored verl (the release's ``verl/utils/reward_score/math_dapo.py``) forces
+``strict_box_verify=True`` and reads after ``</think>``; the released RL prompts ask for no
+``Answer:`` line (a bare question in one user turn), and the SFT system prompt asks for
+``\boxed{}``, so minerva mode would score a correct boxed answer -1. The paper presets use
+``mode="strict_box", after_think=True``.
 
 Why restated and not imported: verl is not a dependency, and its normalisation is written
 with backtracking regexes. Here every step scans the string a bounded number of times, so
@@ -166,10 +175,23 @@ def extract_answer(tail: str) -> str:
     return found[-1] if found else INVALID
 
 
-def score(completion: str, gold: str, mode: str = "minerva") -> tuple[bool, str]:
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def after_thinking(completion: str) -> str:
+    """What follows the first ``</think>`` of a completion holding both think tags (up to a
+    second ``</think>``, if any, as ``str.split(...)[1]`` reads it); the completion otherwise."""
+    if THINK_OPEN in completion and THINK_CLOSE in completion:
+        return completion.split(THINK_CLOSE)[1]
+    return completion
+
+
+def score(completion: str, gold: str, mode: str = "minerva", after_think: bool = False) -> tuple[bool, str]:
     """(correct, the prediction as compared) for one completion under the DAPO rules."""
     if mode not in MODES:
         raise ValueError(f"DAPO scorer mode={mode!r}: use one of {MODES}")
+    if after_think:
+        completion = after_thinking(completion)
     tail = completion[-TAIL_CHARS:]
     if mode == "strict_box":
         boxed = last_boxed(tail[-STRICT_TAIL_CHARS:])
@@ -185,6 +207,7 @@ def dapo_reward(
     mode: str = "minerva",
     correct: float = 1.0,
     wrong: float = -1.0,
+    after_think: bool = False,
     **_: Any,
 ) -> list[float | None]:
     """TRL reward function: ``correct`` / ``wrong`` (DAPO's 1 / -1) per completion by the
@@ -194,14 +217,21 @@ def dapo_reward(
     if len(completions) != len(gold):
         raise ValueError(f"got {len(completions)} completions but {len(gold)} gold answers")
     return [
-        None if answer is None else (correct if score(completion_text(c), str(answer), mode)[0] else wrong)
+        None if answer is None else (correct if score(completion_text(c), str(answer), mode, after_think)[0] else wrong)
         for c, answer in zip(completions, gold, strict=True)
     ]
 
 
 def verl_compute_score(
-    data_source: str, solution_str: str, ground_truth: str, extra_info: Any = None, **_: Any
+    data_source: str,
+    solution_str: str,
+    ground_truth: str,
+    extra_info: Any = None,
+    mode: str = "minerva",
+    after_think: bool = False,
+    **_: Any,
 ) -> dict[str, Any]:
-    """verl's ``custom_reward_function`` signature over the same rules (minerva mode)."""
-    correct, prediction = score(solution_str, ground_truth)
+    """verl's ``custom_reward_function`` signature over the same rules; ``mode`` and
+    ``after_think`` come from ``custom_reward_function.reward_kwargs``."""
+    correct, prediction = score(solution_str, ground_truth, mode, after_think)
     return {"score": 1.0 if correct else -1.0, "acc": correct, "pred": prediction}

@@ -180,7 +180,7 @@ def heldout_prompts(cfg: DictConfig) -> tuple[list[list[dict[str, str]]], list[s
     ``heldout.num_prompts`` of the file ``heldout.path``, else of the data config's ``val``
     source (None: neither is set)."""
     if cfg.heldout.get("path"):
-        source = LocalFileSource(path=str(cfg.heldout.path))
+        source = LocalFileSource(path=str(cfg.heldout.path), sha256=cfg.heldout.get("sha256"))
     elif cfg.data.get("val") is not None:
         source = hydra.utils.instantiate(cfg.data.val)
     else:

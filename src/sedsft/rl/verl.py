@@ -11,8 +11,10 @@ GPUs: ``data.train_batch_size = generation_batch_size / num_generations`` and
 num_generations``. The prompts (rows without a gold answer dropped, exactly as the TRL run
 sees them) are written to verl's parquet schema in the run directory with
 ``data_source=verl.data_source`` (``math_dapo``: what verl's own scorer routes to its DAPO
-rule scorer, so ``verl.use_project_reward=false`` works); with ``use_project_reward`` the
-reward is the project's checker through ``custom_reward_function``. Settings the command
+rule scorer, in minerva mode, so ``verl.use_project_reward=false`` works); with
+``use_project_reward`` the reward is the run's own through ``custom_reward_function``: the
+DAPO rule scorer with the run's ``mode`` / ``after_think`` (``reward_kwargs``) when the run
+scores with it (the paper presets: the release's strict-box rules), else the project's checker. Settings the command
 carries that the paper does not state are listed at the top of ``verl_command.sh``.
 """
 
@@ -28,7 +30,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from sedsft.checkpoints import hf_directory
-from sedsft.rl import rewards
+from sedsft.rl import dapo, rewards
 from sedsft.rl.data import build_train_dataset, heldout_prompts
 from sedsft.utils.batches import verl_batch
 from sedsft.utils.world import verl_world
@@ -101,6 +103,25 @@ def write_verl_parquet(prompts: list, golds: list, path: Path, data_source: str)
     return path
 
 
+def project_reward_overrides(cfg: DictConfig) -> list[str]:
+    """verl's ``custom_reward_function`` for the run's reward: the DAPO rule scorer with the
+    run's rules when its first reward function is ``sedsft.rl.dapo.dapo_reward``, else the
+    project's answer checker (``sedsft.rl.rewards.verl_compute_score``)."""
+    funcs = OmegaConf.select(cfg, "reward.funcs", default=None) or []
+    first = OmegaConf.to_container(funcs[0], resolve=True) if len(funcs) else {}
+    if first.get("_target_") == f"{dapo.__name__}.dapo_reward":
+        return [
+            f"custom_reward_function.path={Path(dapo.__file__).resolve()}",
+            "custom_reward_function.name=verl_compute_score",
+            f"++custom_reward_function.reward_kwargs.mode={first.get('mode', 'minerva')}",
+            f"++custom_reward_function.reward_kwargs.after_think={bool(first.get('after_think', False))}",
+        ]
+    return [
+        f"custom_reward_function.path={Path(rewards.__file__).resolve()}",
+        "custom_reward_function.name=verl_compute_score",
+    ]
+
+
 def verl_overrides(cfg: DictConfig, train_file: str, val_file: str | None) -> list[str]:
     """``key=value`` overrides of ``verl.trainer.main_ppo`` for the settings of ``cfg``."""
     grpo = OmegaConf.to_container(cfg.grpo, resolve=True)
@@ -171,10 +192,7 @@ def verl_overrides(cfg: DictConfig, train_file: str, val_file: str | None) -> li
     if grpo.get("delta") is not None:
         out.append(f"actor_rollout_ref.actor.clip_ratio_c={grpo['delta']}")
     if verl.use_project_reward:
-        out += [
-            f"custom_reward_function.path={Path(rewards.__file__).resolve()}",
-            "custom_reward_function.name=verl_compute_score",
-        ]
+        out += project_reward_overrides(cfg)
     out.append(f"trainer.total_epochs={int(grpo.get('num_train_epochs', 1))}")
     if max_steps > 0:
         out.append(f"trainer.total_training_steps={math.ceil(max_steps / updates)}")
