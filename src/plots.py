@@ -23,13 +23,19 @@ EXAMPLE = "python src/plots.py grid_dir=logs/pipeline/multiruns/<timestamp> out_
 @hydra.main(version_base="1.3", config_path="../configs", config_name="plots.yaml")
 def main(cfg: DictConfig) -> None:
     from sedsft.reporting.records import NotAGridError
-    from sedsft.reporting.report import write_report
+
+    try:
+        from sedsft.reporting.report import write_report
+    except ModuleNotFoundError as err:
+        if err.name != "matplotlib":
+            raise
+        raise SystemExit("error: the figures need matplotlib (in the dev extra): pip install -e '.[dev]'") from None
 
     out_dir = cfg.out_dir if cfg.out_dir is not None else Path(cfg.grid_dir) / "plots"
     names = list(cfg.figures) if cfg.figures is not None else None
     try:
         report = write_report(cfg.grid_dir, out_dir, names, reference=str(cfg.reference), dpi=int(cfg.dpi))
-    except NotAGridError as err:
+    except (NotAGridError, ValueError) as err:  # not a grid, an unknown figure, a broken record: one message
         raise SystemExit(f"error: {err}") from None
     print(report.markdown)
     for path in report.written.values():

@@ -181,3 +181,13 @@ def test_routes_notebook_executes_on_the_committed_grid(tmp_path, monkeypatch):
     assert "routes_vs_ce" in shown
     assert sum("image/png" in o.get("data", {}) for o in outputs) == len(ALL_FIGURES)
     assert snapshot(GRID) == before
+
+
+def test_unknown_figure_and_broken_record_are_named(tmp_path):
+    with pytest.raises(ValueError, match=r"figures=\['nope'\]: unknown \['nope'\]; known: \['diversity_vs_accuracy'"):
+        write_report(GRID, tmp_path / "out", ["nope"])
+    job = tmp_path / "grid" / "ce_seed1"
+    shutil.copytree(GRID / "ce_seed1", job)
+    (job / "rl" / "metrics.json").write_text("{")  # a stage cut while writing
+    with pytest.raises(ValueError, match=r"ce_seed1/rl/metrics\.json: not valid JSON.*rerun the job's rl stage"):
+        records.read_grid(tmp_path / "grid")
