@@ -91,7 +91,7 @@ def test_sft_batch_on_one_gpu_is_exact(composed):
         apply_sft_batch(cfg, world)
 
 
-def test_rl_preset_is_grpo_with_the_paper_ratios_and_vllm_colocated(composed):
+def test_rl_preset_is_grpo_with_the_paper_ratios_and_vllm_colocated(composed, tmp_path):
     cfg = composed("experiment=gpu1_rl", "policy=unused", name="rl.yaml")
     grpo = cfg.grpo
     assert (grpo.use_vllm, grpo.vllm_mode, grpo.vllm_tensor_parallel_size) == (True, "colocate", 1)
@@ -106,6 +106,12 @@ def test_rl_preset_is_grpo_with_the_paper_ratios_and_vllm_colocated(composed):
     assert derived.exact and derived.updates_per_rollout == 8 and derived.update_prompts == 32
     assert cfg.grpo.gradient_accumulation_steps == 64  # 32 prompts x 8 completions / (4 per micro-step x 1 GPU)
     assert cfg.grpo.generation_batch_size == 2048  # 256 prompts x 8
+    from sedsft.rl.training import grpo_config
+
+    cfg.grpo.bf16, cfg.grpo.use_vllm = False, False  # TRL checks them against this CPU; every other key as the GPU gets it
+    args = grpo_config(cfg, tmp_path)  # each grpo.* key is a field of TRL's GRPOConfig
+    assert args.steps_per_generation // args.gradient_accumulation_steps == 8  # TRL: 512 micro-steps = 8 updates
+    assert (args.max_steps, args.learning_rate, args.vllm_max_model_length) == (128, 2e-6, 4096)
 
 
 def sft_lr_sum(peak: float, steps: int, warmup_ratio: float) -> float:
