@@ -133,43 +133,18 @@ class Policy:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """GRPO from ``cfg.policy``; returns the metrics written to ``metrics.json``."""
-    validate_rl_config(cfg)  # numeric knobs by name, before anything is loaded or written
-    console.configure_console()
-    set_cpu_threads(cfg.get("cpu_threads", "auto"), on_cpu=not torch.cuda.is_available())
-    export_slurm_process_group()  # SLURM tasks (submitit) form one process group for accelerate
-    output_dir = shared_output_dir(cfg.paths.output_dir)
-    console.announce_run_directory(output_dir)
-    resume = find_checkpoint(cfg.resume) if cfg.get("resume") else None
+    """GRPO from ``cfg.policy``: resolve the policy, build the held-out evaluation and the
+    trainer, run, export; returns the metrics written to ``metrics.json``."""
+    output_dir, resume = start_run(cfg)
     policy = resolve_policy(cfg, resume)
     announce(apply_rl_batch(cfg, rl_world()))  # grpo accumulation / rollout size from batch.* and the process count
     args = grpo_config(cfg, output_dir)
-
     model, tokenizer = load_model_from(policy.path, policy.knob, dtype=cfg.get("policy_dtype", "auto"))
     log.info("policy %s: %s, %.1fM parameters", policy.path, type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6)
-    train_set = build_train_dataset(cfg.data)
-    log.info("RL prompts: %d (%s)", len(train_set), cfg.data.train.get("_target_"))
-    warn_long_prompts(train_set["prompt"], tokenizer, cfg.get("max_prompt_length"), args.max_completion_length,
-                      getattr(model.config, "max_position_embeddings", None))  # fmt: skip
-    reward_funcs = [hydra.utils.instantiate(spec) for spec in cfg.reward.funcs]
-    if not reward_funcs:
-        raise ValueError("reward.funcs is empty: GRPO needs at least one reward function")
-
-    tensorboard = RLTensorBoard(output_dir / "tensorboard")
-    stop = StopOnSIGTERM()
+    train_set, reward_funcs = rl_task(cfg, model, tokenizer, args)
+    tensorboard, stop = RLTensorBoard(output_dir / "tensorboard"), StopOnSIGTERM()
     heldout = build_heldout(cfg, tokenizer, tensorboard, stop, resume)
-    trainer = SedsftGRPOTrainer(
-        model=model,
-        reward_funcs=reward_funcs,
-        args=args,
-        train_dataset=train_set,
-        processing_class=tokenizer,
-        callbacks=[tensorboard, stop] + ([heldout] if heldout is not None else []),
-        max_prompt_length=cfg.get("max_prompt_length"),
-    )
-    if heldout is not None:
-        heldout.trainer = trainer
-    use_console(trainer)
+    trainer = build_trainer(cfg, model, tokenizer, args, train_set, reward_funcs, [tensorboard, stop], heldout)
 
     start = time.perf_counter()
     try:
@@ -187,6 +162,19 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+def start_run(cfg: DictConfig) -> tuple[Path, Path | None]:
+    """The process set up for the run (knobs checked by name before anything is loaded or
+    written, console, CPU threads, the SLURM process group); its run directory and the
+    checkpoint ``resume`` names (None: a fresh run)."""
+    validate_rl_config(cfg)
+    console.configure_console()
+    set_cpu_threads(cfg.get("cpu_threads", "auto"), on_cpu=not torch.cuda.is_available())
+    export_slurm_process_group()  # SLURM tasks (submitit) form one process group for accelerate
+    output_dir = shared_output_dir(cfg.paths.output_dir)
+    console.announce_run_directory(output_dir)
+    return output_dir, find_checkpoint(cfg.resume) if cfg.get("resume") else None
+
+
 def resolve_policy(cfg: DictConfig, resume: Path | None) -> Policy:
     """``policy``, or with ``resume`` alone the checkpoint itself (a Hugging Face directory)
     and the first run's policy as its origin. A resumed run trains with the first run's
@@ -200,6 +188,45 @@ def resolve_policy(cfg: DictConfig, resume: Path | None) -> Policy:
         raise ValueError("policy=??? : pass the SFT policy (run dir, HF dir, .ckpt) or resume=<RL run dir>")
     origin = OmegaConf.load(first_config).get("policy") if first_config.is_file() else str(resume)
     return Policy(path=str(resume), origin=origin, knob="resume")
+
+
+def rl_task(cfg: DictConfig, model: Any, tokenizer: Any, args: GRPOConfig) -> tuple[Any, list]:
+    """The RL prompts (with a warning when some overrun the context) and reward functions."""
+    train_set = build_train_dataset(cfg.data)
+    log.info("RL prompts: %d (%s)", len(train_set), cfg.data.train.get("_target_"))
+    warn_long_prompts(train_set["prompt"], tokenizer, cfg.get("max_prompt_length"), args.max_completion_length,
+                      getattr(model.config, "max_position_embeddings", None))  # fmt: skip
+    reward_funcs = [hydra.utils.instantiate(spec) for spec in cfg.reward.funcs]
+    if not reward_funcs:
+        raise ValueError("reward.funcs is empty: GRPO needs at least one reward function")
+    return train_set, reward_funcs
+
+
+def build_trainer(
+    cfg: DictConfig,
+    model: Any,
+    tokenizer: Any,
+    args: GRPOConfig,
+    train_set: Any,
+    reward_funcs: list,
+    callbacks: list,
+    heldout: HeldoutEval | None,
+) -> SedsftGRPOTrainer:
+    """The GRPO trainer with the run's callbacks (the held-out evaluation last, given the
+    trainer for its accelerator) and the console's one line per update."""
+    trainer = SedsftGRPOTrainer(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=args,
+        train_dataset=train_set,
+        processing_class=tokenizer,
+        callbacks=callbacks + ([heldout] if heldout is not None else []),
+        max_prompt_length=cfg.get("max_prompt_length"),
+    )
+    if heldout is not None:
+        heldout.trainer = trainer
+    use_console(trainer)
+    return trainer
 
 
 def build_heldout(
