@@ -5,8 +5,8 @@
   token sums pass through Lightning's division by the accumulation and the engine's second
   one, and the module rescales the engine's gradients at the window's end. Checked twice:
   with the divisions Lightning and DeepSpeed apply restated by hand (runs without
-  DeepSpeed), and through DeepSpeed's real engine (ZeRO-2 and ZeRO-3 on one gloo rank,
-  Lightning's own loss division and backward call; skipped without DeepSpeed). Lightning
+  DeepSpeed), and through DeepSpeed's real engine (ZeRO-2 and ZeRO-3 on one gloo rank, ZeRO-2
+  on two, Lightning's own loss division and backward call; skipped without DeepSpeed). Lightning
   itself refuses DeepSpeed without CUDA, so its loop is followed step by step here.
 - Checkpoint conversion: a real ZeRO-2 checkpoint written by DeepSpeed's engine on the CPU
   (one gloo rank), read back by ``sedsft.checkpoints.load_checkpoint``. Needs DeepSpeed
@@ -130,18 +130,18 @@ def micro_batch(length: int, first_target: int, seed: int) -> dict[str, torch.Te
 WINDOW = [(24, 3, 1), (10, 6, 2)]
 
 
-def reference_gradients(model: torch.nn.Module, batches) -> dict[str, torch.Tensor]:
+def reference_gradients(model: torch.nn.Module, batches, tokens: int = 25) -> dict[str, torch.Tensor]:
     """Float64 gradient of (sum of the token CE losses over all micro-batches) / (their
     target tokens), from a float64 copy of ``model`` and the CE formula of loss_references."""
     model = copy.deepcopy(model).double()
-    total, tokens = 0.0, 0
+    expected_tokens, total, tokens = tokens, 0.0, 0
     for batch in batches:
         logits = model(input_ids=batch["input_ids"]).logits[0, :-1]
         labels = batch["labels"][0, 1:]
         keep = labels != -100
         total = total + reference("ce", logits[keep], labels[keep]).sum()
         tokens += int(keep.sum())
-    assert tokens == 25
+    assert tokens == expected_tokens
     (total / tokens).backward()
     return {name: p.grad for name, p in model.named_parameters()}
 
@@ -231,6 +231,69 @@ def test_deepspeed_engine_step_applies_token_sum_over_window_tokens(monkeypatch,
         assert norm > clip * 1.1, "the case must be one that clipping changes"
         expected = {name: g * clip / norm for name, g in expected.items()}
     assert_gradients_match(got, expected, f"ZeRO-{stage}, clip {clip}")
+
+
+# Two ranks, each with its own window: 21 + 4 and 10 + 25 target tokens. The ranks' totals differ,
+# so normalising each rank by its own tokens and averaging would give another step.
+RANK_WINDOWS = [WINDOW, [(12, 2, 3), (30, 5, 4)]]
+
+
+def _zero2_rank(rank: int, port: int, out: str) -> None:
+    """One rank of the two-rank ZeRO-2 step (spawned): Lightning's calls as in the test
+    above, the token count all-reduced by the strategy as ``DeepSpeedStrategy.reduce`` does."""
+    import deepspeed
+    import torch.distributed as dist
+    from lightning.pytorch.loops.optimization.automatic import ClosureResult
+    from lightning.pytorch.plugins.precision import DeepSpeedPrecision
+    from lightning.pytorch.strategies.strategy import _ForwardRedirection
+
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"})  # fmt: skip
+    torch.set_num_threads(1)
+    runlog.log_metrics = lambda *args, **kwargs: None
+    strategy = deepspeed_strategy(2)
+    module = small_module(strategy)  # the same seed on both ranks: the same weights
+    module._trainer.world_size = 2
+
+    def reduce(value, reduce_op="sum"):
+        dist.all_reduce(value)
+        return value
+
+    strategy.reduce = reduce
+    before = {name: p.detach().clone() for name, p in module.model.named_parameters()}
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": ACCUMULATE,
+              "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0}  # fmt: skip
+    engine, optimizer, *_ = deepspeed.initialize(
+        model=module, optimizer=torch.optim.SGD(module.parameters(), lr=1.0), config=config
+    )
+    strategy._model = engine
+    precision = DeepSpeedPrecision("32-true")
+    for i, shape in enumerate(RANK_WINDOWS[rank]):
+        returned = _ForwardRedirection()(engine, module, "training_step", micro_batch(*shape), i)
+        precision.backward(ClosureResult.from_training_step_output(returned, ACCUMULATE).closure_loss, module, optimizer)
+        module.on_before_optimizer_step(optimizer)
+        engine.step()
+    if rank == 0:
+        torch.save({name: before[name] - p.detach() for name, p in module.model.named_parameters()}, out)
+    dist.destroy_process_group()
+
+
+@needs_deepspeed
+@pytest.mark.slow  # two spawned processes, each importing DeepSpeed: about 40 s on 2 cores
+def test_deepspeed_zero2_two_ranks_normalises_over_all_ranks_tokens(tmp_path):
+    """Two gloo ranks under ZeRO-2: each rank's optimiser holds half of the gradient (some
+    parameters wholly on the other rank), the engine averages over the ranks, and the step
+    is still the sum of every token loss of both windows over their 60 target tokens."""
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    reference_model = small_module(SingleDeviceStrategy(torch.device("cpu"))).model
+    batches = [micro_batch(*shape) for window in RANK_WINDOWS for shape in window]
+    expected = reference_gradients(reference_model, batches, tokens=60)
+    out = tmp_path / "step.pt"
+    mp.start_processes(_zero2_rank, args=(free_port(), str(out)), nprocs=2, start_method="spawn")
+    got = torch.load(out, weights_only=True)
+    assert_gradients_match(got, expected, "ZeRO-2, two ranks")
 
 
 def test_lm_head_is_sharded_only_under_zero3():
