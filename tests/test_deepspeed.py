@@ -33,6 +33,7 @@ from sedsft.sft.strategies import gradient_divisor, owns_gradients, shards_lm_he
 
 VOCAB = 40
 ACCUMULATE = 2
+ZERO_KNOBS = {"overlap_comm": True, "contiguous_gradients": True}  # as configs/trainer/deepspeed_zero2.yaml
 needs_deepspeed = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None,
     reason="DeepSpeed is not installed (pip install 'sedsft[deepspeed]')",
@@ -207,7 +208,7 @@ def test_deepspeed_engine_step_applies_token_sum_over_window_tokens(monkeypatch,
     config = {
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": ACCUMULATE,  # Lightning sets it from accumulate_grad_batches
-        "zero_optimization": {"stage": stage},
+        "zero_optimization": {"stage": stage, **ZERO_KNOBS},
         "zero_allow_untested_optimizer": True,
         "gradient_clipping": clip,  # Lightning sets it from trainer.gradient_clip_val (0.0 when unset)
     }
@@ -262,7 +263,7 @@ def _zero2_rank(rank: int, port: int, out: str) -> None:
     strategy.reduce = reduce
     before = {name: p.detach().clone() for name, p in module.model.named_parameters()}
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": ACCUMULATE,
-              "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0}  # fmt: skip
+              "zero_optimization": {"stage": 2, **ZERO_KNOBS}, "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0}  # fmt: skip
     engine, optimizer, *_ = deepspeed.initialize(
         model=module, optimizer=torch.optim.SGD(module.parameters(), lr=1.0), config=config
     )
