@@ -302,6 +302,22 @@ def test_exploration_reward_scores_as_the_answer_reward_and_logs():
     assert reward.__name__ == "math_answer_reward"
 
 
+def test_a_route_absent_from_a_later_batch_is_logged_as_zero():
+    """A logger keeps each name's last value (metrics.json): a route taken in batch 1 and not in
+    batch 2 must read 0 after batch 2, not its batch-1 share."""
+    logged: dict[str, float] = {}
+    reward = ExplorationReward(num_generations=2, classify=toy_routes.classify_route)
+    prompts = [[{"role": "user", "content": HARD_Q}]] * 2
+    batch1 = [[{"role": "assistant", "content": t}] for t in ("The net change is 2.", "First, 25 + 10")]
+    batch2 = [[{"role": "assistant", "content": t}] for t in ("First, 25 + 10", "First, 25 + 10")]
+    reward(batch1, ["27", "27"], prompts=prompts, log_metric=logged.__setitem__)
+    assert logged["explore/all/route/net_change"] == 0.5
+    reward(batch2, ["27", "27"], prompts=prompts, log_metric=logged.__setitem__)
+    assert logged["explore/all/route/net_change"] == 0.0 and logged["explore/all/route/step_by_step"] == 1.0
+    assert exploration_stats(["q", "q"], [0, 0], ["First,", "First,"], 2, classify=toy_routes.classify_route,
+                             routes_known=["narrative"])["all/route/narrative"] == 0.0  # fmt: skip
+
+
 # -- the report on a real (untrained) model ------------------------------------------------------
 
 

@@ -46,10 +46,13 @@ def exploration_stats(
     correct: float = 1.0,
     difficulty: Callable[[str], str] | None = None,
     classify: Callable[[str], str] | None = None,
+    routes_known: Sequence[str] = (),
 ) -> dict[str, float]:
     """Group statistics of one rollout batch: completions come in consecutive groups of
     ``num_generations`` sharing a question (TRL's order). Groups whose questions differ, or
-    that hold an unscorable (None) reward, are left out and counted in ``skipped_groups``."""
+    that hold an unscorable (None) reward, are left out and counted in ``skipped_groups``.
+    Every route in ``routes_known`` gets a share, 0 when no completion took it: a logger that
+    keeps each name's last value would otherwise report a share from an older batch."""
     if not len(questions) == len(rewards) == len(texts):
         raise ValueError(f"got {len(questions)} questions, {len(rewards)} rewards, {len(texts)} texts")
     if num_generations < 1:
@@ -76,8 +79,9 @@ def exploration_stats(
         out[f"{kind}/all_equal"] = sum(len(set(g)) == 1 for g in members) / len(members)
         out[f"{kind}/groups"] = float(len(members))
         total = sum(routes[kind].values())
-        for route, count in sorted(routes[kind].items()):
-            out[f"{kind}/route/{route}"] = count / total
+        if classify:
+            for route in sorted(set(routes_known) | set(routes[kind])):
+                out[f"{kind}/route/{route}"] = routes[kind][route] / total
     return out
 
 
@@ -106,6 +110,7 @@ class ExplorationReward:
         self.num_generations, self.difficulty, self.classify = num_generations, difficulty, classify
         self.correct, self.wrong = correct, wrong
         self._warned = False
+        self._routes_seen: set[str] = set()  # every route logged so far: logged again (0) when absent
 
     def __call__(
         self,
@@ -121,7 +126,9 @@ class ExplorationReward:
             stats = exploration_stats(
                 [prompt_question(p) for p in prompts], rewards, texts, self.num_generations,
                 correct=self.correct, difficulty=self.difficulty, classify=self.classify,
+                routes_known=sorted(self._routes_seen),
             )  # fmt: skip
+            self._routes_seen |= {name.rsplit("/", 1)[1] for name in stats if "/route/" in name}
             if stats["skipped_groups"] and not self._warned:
                 self._warned = True
                 log.warning("exploration: %d groups of this rollout batch were not whole on this process", stats["skipped_groups"])
