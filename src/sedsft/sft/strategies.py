@@ -219,13 +219,12 @@ def scale_gradients(strategy: Strategy | None, optimizer: Any, scale: float | Te
     for param in strategy.lightning_module.parameters():
         if not param.requires_grad:
             continue
-        # In the order of DeepSpeed's safe_get_full_grad: where the gradient lives for each optimiser.
-        if getattr(param, "_hp_grad", None) is not None or (param.grad is None and getattr(param, "_hp_mapping", None) is not None):
-            grad = param._hp_mapping.get_lp_grad_fragment(param._index_in_param_group)
-            grad.mul_(scale)
-        elif param.grad is not None:
+        # In the order of DeepSpeed's safe_get_full_grad: where each optimiser keeps the gradient.
+        if getattr(param, "_hp_grad", None) is not None:  # the bf16 optimiser
+            grad = param._hp_mapping.get_lp_grad_fragment(param._index_in_param_group).mul_(scale)
+        elif param.grad is not None:  # not partitioned (ZeRO-1 before its step)
             grad = param.grad.mul_(scale)
-        elif hasattr(param, "ds_id"):
+        elif hasattr(param, "ds_id"):  # ZeRO-3
             from deepspeed.utils import safe_get_local_grad, safe_set_local_grad
 
             grad = safe_get_local_grad(param)
@@ -233,8 +232,10 @@ def scale_gradients(strategy: Strategy | None, optimizer: Any, scale: float | Te
                 continue
             grad = grad * scale
             safe_set_local_grad(param, grad)
+        elif getattr(param, "_hp_mapping", None) is not None:  # ZeRO-1/2: this rank's fragment
+            grad = param._hp_mapping.get_lp_grad_fragment(param._index_in_param_group).mul_(scale)
         elif hasattr(param, "_hp_mapping"):
-            continue  # a parameter whose partition another rank owns (its _hp_mapping is None here)
+            continue  # ZeRO-1/2: another rank owns this parameter's partition
         else:
             raise RuntimeError(
                 f"cannot reach the gradient of a parameter of shape {tuple(param.shape)} inside the DeepSpeed "
