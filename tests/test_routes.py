@@ -444,3 +444,79 @@ def test_one_routes_job_runs_every_stage(tmp_path):
     for policy in ("sft", "rl"):
         assert {f"{policy}/hard/pass@2", f"{policy}/easy/forced/net_change", f"{policy}/overall/pass@1"} <= set(report)
     assert json.loads((job / "positions" / "metrics.json").read_text())  # the calibration split was measured
+
+
+# -- checking a reply's steps ------------------------------------------------------------------
+
+
+def test_steps_hold_by_hand():
+    from sedsft.data.route_steps import solution_numbers, steps_hold
+
+    q = "Leo has 26 books. Leo buys 6 and then gives away 6. How many books does Leo have now?"
+    assert solution_numbers(q) == {26, 6, 32, 0}
+    assert steps_hold(q, "First, 26 + 6 = 32. Then, 32 - 6 = 26. The answer is \\boxed{26}.")
+    assert steps_hold(q, "The net change is +6 and -6, which is +0. 26 + 0 = 26. Final answer: \\boxed{26}")
+    assert steps_hold(q, "26 + 6 - 6 = 26, so \\boxed{26}.")
+    # the shortcut GRPO found: a running total the model can write, then the right answer boxed
+    assert not steps_hold(q, "First, 26 + 6 = 30. Then, 30 - 6 = 26. The answer is \\boxed{26}.")
+    assert not steps_hold(q, "Leo starts with 26 books. After that there are 31. In the end Leo has 26 books. \\boxed{26}")
+    # every route of every held-out and SFT problem, as generated, holds
+    rows = toy_routes.generate("heldout", 400) + toy_routes.generate("sft", 500)
+    for row in rows:
+        for style in toy_math.STYLES.values():
+            assert steps_hold(row["question"], style(_problem(row)))
+
+
+def _problem(row: dict) -> toy_math.Problem:
+    """The problem behind a generated row (names and items read back from its question)."""
+    start, first, second = numbers(row)
+    words = row["question"].split()
+    verbs = toy_routes._QUESTION_NUMBERS.search(row["question"]).groups()
+    return toy_math.Problem(words[0], words[3].rstrip("."), start, first, second, verbs[1], verbs[3])
+
+
+def test_reward_with_verify_scores_a_right_answer_by_wrong_steps_as_wrong():
+    from sedsft.data.route_steps import steps_hold
+
+    q = "Leo has 26 books. Leo buys 6 and then gives away 6. How many books does Leo have now?"
+    prompts = [[{"role": "user", "content": q}]] * 4
+    replies = [
+        "First, 26 + 6 = 32. Then, 32 - 6 = 26. The answer is \\boxed{26}.",  # right
+        "First, 26 + 6 = 30. Then, 30 - 6 = 26. The answer is \\boxed{26}.",  # right answer, wrong steps
+        "First, 26 + 6 = 32. Then, 32 - 6 = 25. The answer is \\boxed{25}.",  # wrong answer
+        "The net change is +6 and -6, which is +0. 26 + 0 = 26. Final answer: \\boxed{26}",  # right
+    ]
+    completions = [[{"role": "assistant", "content": r}] for r in replies]
+    logged: dict[str, float] = {}
+    reward = ExplorationReward(num_generations=4, difficulty=toy_routes.question_difficulty, verify=steps_hold)
+    assert reward(completions, ["26"] * 4, prompts=prompts, log_metric=logged.__setitem__) == [1.0, 0.0, 0.0, 1.0]
+    assert logged["explore/hard/unfaithful"] == 0.25 and logged["explore/hard/reward"] == 0.5
+    plain = ExplorationReward(num_generations=4)
+    assert plain(completions, ["26"] * 4, prompts=prompts) == [1.0, 1.0, 0.0, 1.0]
+    with pytest.raises(ValueError, match="needs the prompts"):
+        reward(completions, ["26"] * 4)
+
+
+def test_route_scores_with_verify_count_only_replies_whose_steps_hold():
+    from sedsft.data.route_steps import steps_hold
+    from sedsft.pipeline.routes import score_free
+
+    q = "Leo has 26 books. Leo buys 6 and then gives away 6. How many books does Leo have now?"
+    samples = [[
+        "First, 26 + 6 = 32. Then, 32 - 6 = 26. The answer is \\boxed{26}.",
+        "First, 26 + 6 = 30. Then, 30 - 6 = 26. The answer is \\boxed{26}.",
+    ]]  # fmt: skip
+    checked = score_free(samples, ["26"], toy_routes.classify_route, [q], steps_hold)
+    assert checked["pass@1"] == 0.5 and checked["answer_only@1"] == 1.0
+    assert checked["route_acc/step_by_step"] == 0.5
+    assert score_free(samples, ["26"], toy_routes.classify_route)["pass@1"] == 1.0
+    with pytest.raises(ValueError, match="verify needs the questions"):
+        score_free(samples, ["26"], toy_routes.classify_route, None, steps_hold)
+
+
+def test_routes_rl_preset_checks_steps_and_the_report_follows():
+    with initialize_config_dir(config_dir=os.path.abspath(CONFIGS), version_base="1.3"):
+        rl = compose(config_name="rl", overrides=["experiment=rl_routes", "policy=x"])
+        pipe = compose(config_name="pipeline", overrides=["grid=routes_claim"])
+    assert rl.reward.funcs[0].verify.path == "sedsft.data.route_steps.steps_hold"
+    assert pipe.routes.verify_steps is True

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from sedsft.data import toy_routes
+from sedsft.data.route_steps import steps_hold
 from sedsft.metrics import is_correct
 from sedsft.metrics.pass_at_k import pass_at_k
 
@@ -82,12 +83,35 @@ def sample_with_prefix(
     return out
 
 
-def score_free(samples: Sequence[Sequence[str]], golds: Sequence[str], classify: Callable[[str], str]) -> dict[str, float]:
+Verify = Callable[[str, str], bool]
+"""(question, reply) -> whether the reply's steps hold (``route_steps.steps_hold``)."""
+
+
+def judge(question: str, reply: str, gold: str, verify: Verify | None) -> bool:
+    """A reply is right when its boxed answer is, and, with ``verify``, its steps hold too."""
+    return is_correct(reply, gold) and (verify is None or verify(question, reply))
+
+
+def score_free(
+    samples: Sequence[Sequence[str]],
+    golds: Sequence[str],
+    classify: Callable[[str], str],
+    questions: Sequence[str] | None = None,
+    verify: Verify | None = None,
+) -> dict[str, float]:
     """pass@k for k = 1 .. n, route shares (``route_frac/<route>``) and per-route accuracy
-    (``route_acc/<route>``, NaN for a route never sampled) of free samples."""
+    (``route_acc/<route>``, NaN for a route never sampled) of free samples. With ``verify``
+    (and the ``questions``) a sample counts only when its steps hold; ``answer_only@1`` is
+    then the mean accuracy of the boxed answers alone, so the gap is the share of right
+    answers reached by wrong steps."""
     n = len(samples[0])
-    correct = [[is_correct(s, g) for s in group] for group, g in zip(samples, golds, strict=True)]
+    if verify is not None and questions is None:
+        raise ValueError("score_free: verify needs the questions")
+    qs = questions if questions is not None else [""] * len(samples)
+    correct = [[judge(q, s, g, verify) for s in group] for group, g, q in zip(samples, golds, qs, strict=True)]
     out = {f"pass@{k}": sum(pass_at_k(n, sum(c), k) for c in correct) / len(correct) for k in range(1, n + 1)}
+    if verify is not None:
+        out["answer_only@1"] = sum(is_correct(s, g) for group, g in zip(samples, golds, strict=True) for s in group) / (n * len(samples))
     routes = Counter()
     right = Counter()
     for group, flags in zip(samples, correct, strict=True):
@@ -112,35 +136,42 @@ def route_report(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     seed: int = 0,
+    verify: Verify | None = None,
 ) -> dict[str, float]:
     """The routes report of a policy on held-out ``rows`` (``toy_routes.generate``'s rows,
     with ``difficulty``): ``<difficulty>/<metric>`` for free sampling (``score_free``) and
     ``<difficulty>/forced/<route>`` (accuracy with the route forced by its first words,
-    ``forced_samples`` per prompt), plus ``overall/pass@k``."""
+    ``forced_samples`` per prompt), plus ``overall/pass@k``. With ``verify`` every accuracy
+    counts a reply only when its steps hold, as the RL reward that checks them."""
     metrics: dict[str, float] = {}
     by_kind: dict[str, list[dict]] = {}
     for row in rows:
         by_kind.setdefault(row["difficulty"], []).append(row)
     overall: list[list[str]] = []
     overall_golds: list[str] = []
+    overall_questions: list[str] = []
     for kind, group in sorted(by_kind.items()):
         questions = [r["question"] for r in group]
         golds = [r["answer"] for r in group]
         free = sample_with_prefix(model, tokenizer, questions, [""] * len(group), num_samples, max_new_tokens, batch_size, seed)
-        metrics.update({f"{kind}/{k}": v for k, v in score_free(free, golds, toy_routes.classify_route).items()})
+        metrics.update({f"{kind}/{k}": v for k, v in score_free(free, golds, toy_routes.classify_route, questions, verify).items()})
         overall += free
         overall_golds += golds
+        overall_questions += questions
         for route in forced:
             if forced_samples < 1:
                 break
             prefixes = [toy_routes.route_prefix(q, route) for q in questions]
             texts = sample_with_prefix(model, tokenizer, questions, prefixes, forced_samples, max_new_tokens, batch_size, seed + 1)
-            flat = [(t, g) for group_texts, g in zip(texts, golds, strict=True) for t in group_texts]
-            metrics[f"{kind}/forced/{route}"] = sum(is_correct(t, g) for t, g in flat) / len(flat)
-            metrics[f"{kind}/forced/{route}/on_route"] = sum(toy_routes.classify_route(t) == route for t, _ in flat) / len(flat)
+            flat = [(q, t, g) for group_texts, g, q in zip(texts, golds, questions, strict=True) for t in group_texts]
+            metrics[f"{kind}/forced/{route}"] = sum(judge(q, t, g, verify) for q, t, g in flat) / len(flat)
+            metrics[f"{kind}/forced/{route}/on_route"] = sum(toy_routes.classify_route(t) == route for _, t, _ in flat) / len(flat)
     if overall:
         n = len(overall[0])
-        correct = [sum(is_correct(s, g) for s in group) for group, g in zip(overall, overall_golds, strict=True)]
+        correct = [
+            sum(judge(q, s, g, verify) for s in group)
+            for group, g, q in zip(overall, overall_golds, overall_questions, strict=True)
+        ]
         metrics.update({f"overall/pass@{k}": sum(pass_at_k(n, c, k) for c in correct) / len(correct) for k in range(1, n + 1)})
     return metrics
 
@@ -150,8 +181,9 @@ def run_routes(cfg, job_dir: Path) -> dict[str, float]:
     and of the RL policy (``rl/<metric>``) on the RL stage's held-out routes problems
     (``data.val`` of the RL config, first ``routes.num_examples``), with
     ``routes.num_samples`` free and ``routes.forced_samples`` forced samples per prompt and
-    route; writes ``<job dir>/routes/metrics.json``. Empty (with a warning) when the held-out
-    set is not the routes task."""
+    route, replies judged as the RL reward judges them (``routes.verify_steps``: the steps must
+    hold too); writes ``<job dir>/routes/metrics.json``. Empty (with a warning) when the
+    held-out set is not the routes task."""
     import hydra
 
     from sedsft.checkpoints import load_model
@@ -165,6 +197,7 @@ def run_routes(cfg, job_dir: Path) -> dict[str, float]:
         return {}
     rows = source.load()
     rows = [rows[i] for i in range(min(int(cfg.routes.num_examples), len(rows)))]
+    verify = steps_hold if bool(cfg.routes.get("verify_steps", False)) else None
     metrics: dict[str, float] = {}
     for name, path in (("sft", job_dir / "sft"), ("rl", job_dir / "rl" / "hf")):
         if not path.exists():
@@ -174,7 +207,7 @@ def run_routes(cfg, job_dir: Path) -> dict[str, float]:
         start = time.perf_counter()
         report = route_report(
             model, tokenizer, rows, num_samples=int(cfg.routes.num_samples), forced_samples=int(cfg.routes.forced_samples),
-            max_new_tokens=int(cfg.routes.max_new_tokens), seed=int(cfg.seed),
+            max_new_tokens=int(cfg.routes.max_new_tokens), seed=int(cfg.seed), verify=verify,
         )  # fmt: skip
         log.info("routes: %s policy reported in %.0f s", name, time.perf_counter() - start)
         metrics.update({f"{name}/{k}": v for k, v in report.items()})
@@ -195,6 +228,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     parser.add_argument("--samples", type=int, default=8, help="free samples per prompt (pass@k up to this k)")
     parser.add_argument("--forced-samples", type=int, default=4, help="samples per prompt with a route forced (0: none)")
     parser.add_argument("--ranges", type=json.loads, default=None, help='toy_routes.Ranges overrides as JSON, e.g. {"cap": 31}')
+    parser.add_argument("--verify-steps", action="store_true", help="count a reply only when its steps hold (route_steps.steps_hold)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", type=Path, default=None, help="write the report here as JSON")
     args = parser.parse_args(argv)
@@ -203,7 +237,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     model, tokenizer = load_model(args.model, dtype="float32")
     rows = toy_routes.generate("heldout", args.n, seed=args.seed, ranges=toy_routes.Ranges(**(args.ranges or {})))
     start = time.perf_counter()
-    report = route_report(model, tokenizer, rows, num_samples=args.samples, forced_samples=args.forced_samples, seed=args.seed)
+    report = route_report(
+        model, tokenizer, rows, num_samples=args.samples, forced_samples=args.forced_samples, seed=args.seed,
+        verify=steps_hold if args.verify_steps else None,
+    )  # fmt: skip
     report["seconds"] = time.perf_counter() - start
     text = json.dumps(report, indent=2, sort_keys=True)
     if args.out:

@@ -12,7 +12,9 @@ groups). :class:`ExplorationReward` scores completions exactly as
 - ``reward``: mean reward;
 - ``any_correct``: fraction of groups with at least one correct completion;
 - ``all_equal``: fraction of groups whose rewards are all equal (no learning signal);
-- ``route/<route>``: share of completions per route, when a classifier is given.
+- ``route/<route>``: share of completions per route, when a classifier is given;
+- ``unfaithful``: share of completions whose boxed answer is right but whose steps fail the
+  ``verify`` check (scored wrong), when one is given.
 
 ``<difficulty>`` is ``all`` and, when a ``difficulty`` function is given, each value it
 returns for the prompts' questions (``easy`` / ``hard`` on the routes task).
@@ -47,6 +49,7 @@ def exploration_stats(
     difficulty: Callable[[str], str] | None = None,
     classify: Callable[[str], str] | None = None,
     routes_known: Sequence[str] = (),
+    unfaithful: Sequence[bool] | None = None,
 ) -> dict[str, float]:
     """Group statistics of one rollout batch: completions come in consecutive groups of
     ``num_generations`` sharing a question (TRL's order). Groups whose questions differ, or
@@ -59,6 +62,7 @@ def exploration_stats(
         raise ValueError(f"num_generations must be >= 1, got {num_generations}")
     groups: dict[str, list[list[float]]] = defaultdict(list)
     routes: dict[str, Counter] = defaultdict(Counter)
+    flagged: dict[str, list[bool]] = defaultdict(list)
     skipped = 0
     for begin in range(0, len(questions) - num_generations + 1, num_generations):
         span = slice(begin, begin + num_generations)
@@ -71,6 +75,8 @@ def exploration_stats(
             groups[kind].append(group_rewards)
             if classify:
                 routes[kind].update(classify(t) for t in texts[span])
+            if unfaithful is not None:
+                flagged[kind].extend(unfaithful[span])
     out: dict[str, float] = {"skipped_groups": float(skipped)}
     for kind, members in groups.items():
         flat = [r for g in members for r in g]
@@ -78,6 +84,8 @@ def exploration_stats(
         out[f"{kind}/any_correct"] = sum(any(r >= correct for r in g) for g in members) / len(members)
         out[f"{kind}/all_equal"] = sum(len(set(g)) == 1 for g in members) / len(members)
         out[f"{kind}/groups"] = float(len(members))
+        if unfaithful is not None:
+            out[f"{kind}/unfaithful"] = sum(flagged[kind]) / len(flagged[kind])
         total = sum(routes[kind].values())
         if classify:
             for route in sorted(set(routes_known) | set(routes[kind])):
@@ -92,6 +100,8 @@ class ExplorationReward:
         num_generations: completions per prompt (``grpo.num_generations``).
         difficulty: question -> difficulty name, e.g. ``toy_routes.question_difficulty``.
         classify: completion -> route, e.g. ``toy_routes.classify_route``.
+        verify: (question, completion) -> whether its steps hold, e.g.
+            ``route_steps.steps_hold``; a right answer whose steps fail is scored ``wrong``.
         correct, wrong: the reward values, as ``math_answer_reward``.
     """
 
@@ -104,11 +114,12 @@ class ExplorationReward:
         classify: Callable[[str], str] | None = None,
         correct: float = 1.0,
         wrong: float = 0.0,
+        verify: Callable[[str, str], bool] | None = None,
     ):
         if num_generations < 1:
             raise ValueError(f"reward: num_generations must be >= 1, got {num_generations}")
         self.num_generations, self.difficulty, self.classify = num_generations, difficulty, classify
-        self.correct, self.wrong = correct, wrong
+        self.correct, self.wrong, self.verify = correct, wrong, verify
         self._warned = False
         self._routes_seen: set[str] = set()  # every route logged so far: logged again (0) when absent
 
@@ -121,12 +132,19 @@ class ExplorationReward:
         **_: Any,
     ) -> list[float | None]:
         rewards = math_answer_reward(completions, gold, correct=self.correct, wrong=self.wrong)
-        if log_metric is not None and prompts is not None:
-            texts = [completion_text(c) for c in completions]
+        texts = [completion_text(c) for c in completions]
+        questions = [prompt_question(p) for p in prompts] if prompts is not None else None
+        unfaithful = None
+        if self.verify is not None:
+            if questions is None:
+                raise ValueError("reward: checking the steps (verify=...) needs the prompts; TRL passes them as prompts=")
+            unfaithful = [r is not None and r >= self.correct and not self.verify(q, t) for r, q, t in zip(rewards, questions, texts, strict=True)]
+            rewards = [self.wrong if flag else r for r, flag in zip(rewards, unfaithful, strict=True)]
+        if log_metric is not None and questions is not None:
             stats = exploration_stats(
-                [prompt_question(p) for p in prompts], rewards, texts, self.num_generations,
+                questions, rewards, texts, self.num_generations,
                 correct=self.correct, difficulty=self.difficulty, classify=self.classify,
-                routes_known=sorted(self._routes_seen),
+                routes_known=sorted(self._routes_seen), unfaithful=unfaithful,
             )  # fmt: skip
             self._routes_seen |= {name.rsplit("/", 1)[1] for name in stats if "/route/" in name}
             if stats["skipped_groups"] and not self._warned:
