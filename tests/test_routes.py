@@ -520,3 +520,14 @@ def test_routes_rl_preset_checks_steps_and_the_report_follows():
         pipe = compose(config_name="pipeline", overrides=["grid=routes_claim"])
     assert rl.reward.funcs[0].verify.path == "sedsft.data.route_steps.steps_hold"
     assert pipe.routes.verify_steps is True
+
+
+def test_routes_source_keeps_only_the_difficulties_asked_for():
+    hard = RoutesSource(split="rl", n=300, difficulties=["hard"]).load()
+    assert len(hard) == 300 and set(hard["difficulty"]) == {"hard"}
+    mixed = RoutesSource(split="rl", n=300).load()
+    # the hard problems are the split's own: the same pool as in the mixed draw
+    pool = set(toy_routes.partition(RANGES)[("rl", "hard")])
+    assert {numbers(r) for r in hard} <= pool and {numbers(r) for r in mixed if r["difficulty"] == "hard"} <= pool
+    with pytest.raises(ValueError, match=r"routes sft: difficulties \['hard'\] not in this split"):
+        RoutesSource(split="sft", n=10, difficulties=["hard"]).load()

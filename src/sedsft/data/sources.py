@@ -77,6 +77,8 @@ class RoutesSource:
         seed: generation seed within the split.
         style_weights: relative frequency of each solution style (route); None = uniform.
         ranges: ``toy_routes.Ranges`` overrides (cap, hard_max, max_change, start_min).
+        difficulties: keep only problems of these difficulties (``easy`` / ``hard``), still
+            ``n`` of them, drawn from the split's own problems; None keeps the split's mix.
     """
 
     split: str = "sft"
@@ -84,6 +86,7 @@ class RoutesSource:
     seed: int = 0
     style_weights: dict[str, float] | None = None
     ranges: dict[str, int] | None = None
+    difficulties: list[str] | None = None
 
     @property
     def name(self) -> str:
@@ -95,7 +98,15 @@ class RoutesSource:
     def load(self) -> datasets.Dataset:
         weights = dict(self.style_weights) if self.style_weights else None
         ranges = toy_routes.Ranges(**dict(self.ranges or {}))
-        return datasets.Dataset.from_list(toy_routes.generate(self.split, self.n, self.seed, weights, ranges))
+        if not self.difficulties:
+            return datasets.Dataset.from_list(toy_routes.generate(self.split, self.n, self.seed, weights, ranges))
+        mix = toy_routes.SPLIT_MIX[self.split]
+        unknown = sorted(set(self.difficulties) - set(mix))
+        if unknown:
+            raise ValueError(f"routes {self.split}: difficulties {unknown} not in this split; it has {list(mix)}")
+        # the split interleaves its difficulties evenly: len(mix) / len(kept) times n rows hold n kept ones
+        drawn = toy_routes.generate(self.split, -(-self.n * len(mix) // len(set(self.difficulties))), self.seed, weights, ranges)
+        return datasets.Dataset.from_list([r for r in drawn if r["difficulty"] in self.difficulties][: self.n])
 
 
 @dataclass
