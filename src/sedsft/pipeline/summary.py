@@ -182,28 +182,24 @@ def summary_tables(
     rate and accuracy per kind of position, the base model as row ``base``), ``routes`` (the
     routes task's report, when the grid ran that stage), ``benchmarks`` (the eval stage's) and ``*_vs_ref`` (paired differences
     to ``reference`` by seed)."""
-    out = {}
-    for name, prefix in (("after_sft", "heldout_before/"), ("after_rl", "heldout/")):
-        chosen = [(f"{stage}/{key}", label) for stage, key, label in metrics if key.startswith(prefix)]
-        renamed = df.rename(columns=dict(chosen))
-        labels = [label for _, label in chosen]
+    out: dict[str, pd.DataFrame] = {}
+
+    def add(name: str, columns: Sequence[tuple[str, str]]) -> None:
+        """Table ``name`` of ``columns`` (record column, label) and its paired differences."""
+        renamed = df.rename(columns=dict(columns))
+        labels = [label for _, label in columns]
         out[name] = wide(per_loss(renamed, labels), order)
         if reference in set(df["loss"]):
             out[f"{name}_vs_{reference}"] = wide(paired(renamed, labels, reference), order)
+
+    for name, prefix in (("after_sft", "heldout_before/"), ("after_rl", "heldout/")):
+        add(name, [(f"{stage}/{key}", label) for stage, key, label in metrics if key.startswith(prefix)])
     routes = [(f"routes/{key}", label) for key, label in ROUTES_METRICS if f"routes/{key}" in df.columns]
     if routes:
-        renamed = df.rename(columns=dict(routes))
-        labels = [label for _, label in routes]
-        out["routes"] = wide(per_loss(renamed, labels), order)
-        if reference in set(df["loss"]):
-            out[f"routes_vs_{reference}"] = wide(paired(renamed, labels, reference), order)
+        add("routes", routes)
     benchmarks = eval_columns(df)
     if benchmarks:
-        renamed = df.rename(columns=dict(benchmarks))
-        labels = [label for _, label in benchmarks]
-        out["benchmarks"] = wide(per_loss(renamed, labels), order)
-        if reference in set(df["loss"]):
-            out[f"benchmarks_vs_{reference}"] = wide(paired(renamed, labels, reference), order)
+        add("benchmarks", benchmarks)
     positions = position_frame(df)
     if positions is not None:
         labels = [label for _, label in POSITION_METRICS]
