@@ -64,7 +64,7 @@ def _losses(table: Rows) -> list[str]:
 
 
 def _figure(nrows: int, ncols: int, width: float, height: float, title: str, note: str) -> tuple[Figure, Any]:
-    fig = Figure(figsize=(max(width * ncols, 7.5), height * nrows + 0.9), layout="constrained")  # room for the title
+    fig = Figure(figsize=(max(width * ncols, 8.5), height * nrows + 0.9), layout="constrained")  # room for the title and its note
     axes = fig.subplots(nrows, ncols, squeeze=False)
     fig.suptitle(f"{title}\n{note}", fontsize=11)
     return fig, axes
