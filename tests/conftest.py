@@ -104,6 +104,25 @@ def _small_threads():
     torch.set_num_threads(min(2, share, torch.get_num_threads()))
 
 
+_COMPOSED: dict[tuple[str, ...], object] = {}
+
+
+@pytest.fixture
+def composed(tmp_path_factory):
+    """``compose_config`` (unshrunk) once per set of overrides in this process (composition
+    is the slow part); each test gets its own copy to change."""
+    import copy
+
+    def get(*overrides: str, name: str = "train.yaml"):
+        key = (name, *overrides)
+        if key not in _COMPOSED:
+            where = tmp_path_factory.mktemp("cfg")
+            _COMPOSED[key] = compose_config(where, where, *overrides, shrink=False, name=name)
+        return copy.deepcopy(_COMPOSED[key])
+
+    return get
+
+
 def compose_config(tmp_path: Path, cache_dir: Path, *overrides: str, shrink: bool = True, name: str = "train.yaml"):
     """The real ``configs/<name>`` with paths in ``tmp_path``; ``shrink`` makes the toy
     data and the trainer small enough for a CPU test."""

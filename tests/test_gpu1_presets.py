@@ -21,22 +21,6 @@ from sedsft.utils.world import lightning_world, rl_world
 
 LOSSES = ("ce", "sed", "sed_nomask")
 BENCHMARKS = ["math", "gsm8k", "aime24", "amc23"]
-_COMPOSED: dict[tuple[str, ...], object] = {}
-
-
-@pytest.fixture
-def composed(tmp_path_factory):
-    """``compose_config`` once per set of overrides in this module (composition is the slow part)."""
-    import copy
-
-    def get(*overrides: str, name: str = "train.yaml"):
-        key = (name, *overrides)
-        if key not in _COMPOSED:
-            where = tmp_path_factory.mktemp("cfg")
-            _COMPOSED[key] = compose_config(where, where, *overrides, shrink=False, name=name)
-        return copy.deepcopy(_COMPOSED[key])
-
-    return get
 
 
 def stages(tmp_path: Path, *overrides: str) -> tuple:

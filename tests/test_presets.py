@@ -30,23 +30,6 @@ from sedsft.utils.world import (
 
 SIZES = [1, 2, 4, 8]  # divide the paper's batches
 ODD = 6  # does not
-_COMPOSED: dict[tuple[str, ...], object] = {}
-
-
-@pytest.fixture
-def composed(tmp_path_factory):
-    """``compose_config`` once per set of overrides in this module (composition is the slow
-    part); each test gets its own copy to change."""
-    import copy
-
-    def get(*overrides: str, name: str = "train.yaml"):
-        key = (name, *overrides)
-        if key not in _COMPOSED:
-            where = tmp_path_factory.mktemp("cfg")
-            _COMPOSED[key] = compose_config(where, where, *overrides, shrink=False, name=name)
-        return copy.deepcopy(_COMPOSED[key])
-
-    return get
 
 
 def launcher_env(launcher: str, size: int) -> tuple[dict[str, str], dict[str, str]]:
