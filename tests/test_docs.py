@@ -64,15 +64,33 @@ def test_relative_links_point_at_files(path):
     assert not missing, f"{path.relative_to(ROOT)}: links to files that do not exist: {missing}"
 
 
+PARENT_PATH = re.compile(r"(?:\.\./)+[\w.-]+")
+MACHINE_PATH = re.compile(r"/work/[\w.-]+")  # the development machine's workspace, which users do not have
+
+
+def paths_outside(path: Path, root: Path = ROOT) -> list[str]:
+    """Paths a text names, in prose or code, that lead outside the repository: ``../`` chains
+    that climb above its root (resolved from the file's folder) and the workspace's absolute paths."""
+    text = path.read_text(encoding="utf-8")
+    climbing = [m for m in PARENT_PATH.findall(text) if not (path.parent / m).resolve().is_relative_to(root)]
+    return climbing + MACHINE_PATH.findall(text)
+
+
+def test_outside_path_finder(tmp_path):
+    (tmp_path / "docs").mkdir()
+    page = tmp_path / "docs" / "p.md"
+    page.write_text("[up](../README.md) `../../secret/SPEC.md` and /work/x/y\n")
+    assert paths_outside(page, root=tmp_path) == ["../../secret", "/work/x"]
+
+
 @pytest.mark.parametrize(
     "path", [*markdown_files(), ROOT / "mkdocs.yml"], ids=lambda p: str(p.relative_to(ROOT))
 )
 def test_nothing_points_outside_the_repository(path):
-    text = path.read_text(encoding="utf-8")
-    outside = [marker for marker in ("../shared", "/work/") if marker in text]
+    outside = paths_outside(path)
     assert not outside, (
         f"{path.relative_to(ROOT)} names {outside}: a path outside the repository, which users "
-        "do not have"
+        "do not have; ship what the page needs or name its public source"
     )
 
 
