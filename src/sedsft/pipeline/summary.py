@@ -254,38 +254,3 @@ class SummaryCallback(Callback):
             return
         print(text)
         log.info("wrote %s", root / "summary.md")
-
-
-def scalar_curves(root: str | Path, tag: str = "rl/reward", stage: str = "rl") -> pd.DataFrame:
-    """``(loss, seed, step, value)`` of one TensorBoard scalar of every job's ``stage``
-    (e.g. the RL reward), read from ``<job>/<stage>/tensorboard``."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    rows = []
-    for path in sorted(Path(root).rglob("pipeline.json")):
-        record = json.loads(path.read_text())
-        events = path.parent / stage / "tensorboard"
-        if not events.is_dir():
-            continue
-        accumulator = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        accumulator.Reload()
-        if tag not in accumulator.Tags()["scalars"]:
-            continue
-        rows += [
-            {"loss": record["loss"], "seed": record["seed"], "step": e.step, "value": e.value}
-            for e in accumulator.Scalars(tag)
-        ]
-    return pd.DataFrame(rows, columns=["loss", "seed", "step", "value"])
-
-
-def pass_at_k_curves(df: pd.DataFrame) -> pd.DataFrame:
-    """``(loss, when, k, mean, half, n)``: held-out pass@k per loss before (``after SFT``)
-    and after RL, for every k the jobs logged."""
-    rows = []
-    for when, prefix in (("after SFT", "rl/heldout_before/pass@"), ("after RL", "rl/heldout/pass@")):
-        ks = sorted(int(c[len(prefix) :]) for c in df.columns if c.startswith(prefix))
-        for loss, group in df.groupby("loss", sort=False):
-            for k in ks:
-                mean, half, n = interval(group[f"{prefix}{k}"].tolist())
-                rows.append({"loss": loss, "when": when, "k": k, "mean": mean, "half": half, "n": n})
-    return pd.DataFrame(rows)
