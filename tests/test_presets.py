@@ -66,6 +66,10 @@ def test_sft_world_size_that_cannot_give_128_is_refused_with_the_numbers():
     world = World(ODD, "test", "6 fake processes")
     with pytest.raises(BatchError, match=r"128 .*6 = 6 sequences.*accumulating 21 gives 126, 22 gives 132.*allow_inexact=true to train with 126"):
         sft_batch(128, 1, world)
+    with pytest.raises(BatchError, match=r"Fix: run on a process count in \[1, 2, 4, 8, 16, 32, 64, 128\]"):
+        sft_batch(128, 1, world)  # the counts dividing 128 sequences in micro-batches of one
+    with pytest.raises(BatchError, match=r"Fix: set data.batch_size to a divisor of 128 \(no process count works with 3\)"):
+        sft_batch(128, 3, world)
     inexact = sft_batch(128, 1, world, allow_inexact=True)
     assert (inexact.accumulation, inexact.sequences, inexact.exact) == (21, 126, False)  # the nearer of 126 / 132
     assert "NOT the requested 128" in inexact.describe()
@@ -120,6 +124,10 @@ def test_rl_world_size_that_cannot_give_32_prompts_is_refused_or_rounded_on_requ
     world = World(ODD, "test", "6 fake processes")
     with pytest.raises(BatchError, match=r"256 completions\) cannot be met.*4 x 6 = 24 completions.*33 prompts per update"):
         rl_batch(256, 32, 8, 4, world)
+    with pytest.raises(BatchError, match=r"Fix: run on a process count in \[1, 2, 4, 8, 16, 32, 64\]"):
+        rl_batch(256, 32, 8, 4, world)  # 256 completions in micro-steps of 4 per process
+    with pytest.raises(BatchError, match=r"Fix: set grpo.per_device_train_batch_size to a divisor of 256"):
+        rl_batch(256, 32, 8, 3, world)
     inexact = rl_batch(256, 32, 8, 4, world, allow_inexact=True)
     # 11 micro-steps of 24 = 264 completions = 33 whole prompt groups; 8 such updates per rollout batch
     assert (inexact.accumulation, inexact.update_prompts, inexact.generation_batch_size) == (11, 33, 2112)

@@ -35,17 +35,17 @@ from sedsft.evaluation.sampling import (
 
 log = logging.getLogger(__name__)
 
+Prompts = Sequence[list[dict]]  # chat prompts, each a list of messages
+Keys = Sequence[int] | None  # stable prompt identities (e.g. row numbers) for per-prompt seeding
+# (position in prompts, its samples), as each completes
+Stream = Iterator[tuple[int, PromptSamples]]
+
 
 class Backend(Protocol):
     name: str
     entropy_key: str | None  # the metric its entropy sums feed; None: it measures none
 
-    def generate(
-        self,
-        prompts: Sequence[list[dict]],
-        settings: SamplingSettings,
-        keys: Sequence[int] | None = None,
-    ) -> Iterator[tuple[int, PromptSamples]]:
+    def generate(self, prompts: Prompts, settings: SamplingSettings, keys: Keys = None) -> Stream:
         """``(position in prompts, its samples)`` for every prompt, as each completes.
         ``keys`` are stable prompt identities (e.g. row numbers) for per-prompt seeding."""
         ...
@@ -60,12 +60,7 @@ class HFBackend:
     def __init__(self, model: Any, tokenizer: Any):
         self.model, self.tokenizer = model, tokenizer
 
-    def generate(
-        self,
-        prompts: Sequence[list[dict]],
-        settings: SamplingSettings,
-        keys: Sequence[int] | None = None,
-    ) -> Iterator[tuple[int, PromptSamples]]:
+    def generate(self, prompts: Prompts, settings: SamplingSettings, keys: Keys = None) -> Stream:
         # one RNG stream for the whole call: reproducible for the same prompts and settings
         yield from iter_samples(self.model, self.tokenizer, prompts, settings)
 
@@ -132,12 +127,7 @@ class VLLMBackend:
             max_logprobs=max(20, entropy_top_k),
         )
 
-    def generate(
-        self,
-        prompts: Sequence[list[dict]],
-        settings: SamplingSettings,
-        keys: Sequence[int] | None = None,
-    ) -> Iterator[tuple[int, PromptSamples]]:
+    def generate(self, prompts: Prompts, settings: SamplingSettings, keys: Keys = None) -> Stream:
         from vllm import SamplingParams
 
         # vLLM: temperature 0 is greedy (the settings allow it with one sample per prompt only)

@@ -34,12 +34,32 @@ class BatchError(ValueError):
     """A global batch that the world size cannot meet; the message gives numbers and fixes."""
 
 
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def _fix(total: int, micro: int, micro_knob: str) -> str:
+    """How ``total`` items per step can be met in micro-batches of ``micro``: the process
+    counts that divide it exactly, or else another micro-batch size."""
+    counts = [d // micro for d in range(1, total + 1) if total % d == 0 and d % micro == 0]
+    if counts:
+        return f"run on a process count in {counts}"
+    return f"set {micro_knob} to a divisor of {total} (no process count works with {micro})"
+
+
+class _DerivedBatch:
+    """A batch derived from a global number: ``exact`` when the run meets the number it was
+    asked for (``_asked``, ``_met``); its description says so when it does not."""
+
+    _unit = ""
+
+    @property
+    def exact(self) -> bool:
+        return self._met == self._asked
+
+    def describe(self) -> str:
+        text = self._formula()
+        return text if self.exact else f"{text}; NOT the requested {self._asked}{self._unit} (batch.allow_inexact=true)"
 
 
 @dataclass(frozen=True)
-class SFTBatch:
+class SFTBatch(_DerivedBatch):
     sequences_per_step: int  # what the preset asks for
     micro_batch: int  # sequences per device per micro-batch (data.batch_size)
     world: World
@@ -50,19 +70,15 @@ class SFTBatch:
         """Sequences per optimiser step the run trains with."""
         return self.micro_batch * self.world.size * self.accumulation
 
-    @property
-    def exact(self) -> bool:
-        return self.sequences == self.sequences_per_step
+    _asked = property(lambda self: self.sequences_per_step)
+    _met = property(lambda self: self.sequences)
 
-    def describe(self) -> str:
-        text = (
+    def _formula(self) -> str:
+        return (
             f"batch: {self.sequences} sequences per optimiser step = data.batch_size={self.micro_batch} x "
             f"{self.world} x trainer.accumulate_grad_batches={self.accumulation} (derived from "
             f"batch.sequences_per_step={self.sequences_per_step})"
         )
-        if not self.exact:
-            text += f"; NOT the requested {self.sequences_per_step} (batch.allow_inexact=true)"
-        return text
 
 
 def sft_batch(sequences_per_step: int, micro_batch: int, world: World, allow_inexact: bool = False) -> SFTBatch:
@@ -79,12 +95,7 @@ def sft_batch(sequences_per_step: int, micro_batch: int, world: World, allow_ine
     # The nearer of the two whole accumulations (ties: the larger batch); never zero.
     nearest = low if low and sequences_per_step - low * per_window < high * per_window - sequences_per_step else high
     if not allow_inexact:
-        counts = [d // micro_batch for d in _divisors(sequences_per_step) if d % micro_batch == 0]
-        fix = (
-            f"run on a process count in {counts}"
-            if counts
-            else f"set data.batch_size to a divisor of {sequences_per_step} (no process count works with {micro_batch})"
-        )
+        fix = _fix(sequences_per_step, micro_batch, "data.batch_size")
         raise BatchError(
             f"batch.sequences_per_step={sequences_per_step} cannot be met on {world}: one micro-step over all "
             f"processes is data.batch_size={micro_batch} x {world.size} = {per_window} sequences, and "
@@ -96,7 +107,7 @@ def sft_batch(sequences_per_step: int, micro_batch: int, world: World, allow_ine
 
 
 @dataclass(frozen=True)
-class RLBatch:
+class RLBatch(_DerivedBatch):
     rollout_prompts: int  # requested prompts per rollout batch
     prompts_per_update: int  # requested prompts per optimiser update
     num_generations: int  # completions per prompt
@@ -121,21 +132,18 @@ class RLBatch:
         """Completions per rollout batch (TRL's ``generation_batch_size``)."""
         return self.update_completions * self.updates_per_rollout
 
-    @property
-    def exact(self) -> bool:
-        return self.update_prompts == self.prompts_per_update
+    _asked = property(lambda self: self.prompts_per_update)
+    _met = property(lambda self: self.update_prompts)
+    _unit = " prompts per update"
 
-    def describe(self) -> str:
-        text = (
+    def _formula(self) -> str:
+        return (
             f"batch: {self.generation_batch_size // self.num_generations} prompts x {self.num_generations} per rollout "
             f"batch, {self.updates_per_rollout} updates of {self.update_prompts} prompts = "
             f"grpo.per_device_train_batch_size={self.per_device} x {self.world} x "
             f"grpo.gradient_accumulation_steps={self.accumulation} completions (derived from "
             f"batch.rollout_prompts={self.rollout_prompts}, batch.prompts_per_update={self.prompts_per_update})"
         )
-        if not self.exact:
-            text += f"; NOT the requested {self.prompts_per_update} prompts per update (batch.allow_inexact=true)"
-        return text
 
 
 def rl_batch(
@@ -166,12 +174,7 @@ def rl_batch(
     while (per_window * accumulation) % num_generations:
         accumulation += 1
     if not allow_inexact:
-        counts = [d // per_device for d in _divisors(completions) if d % per_device == 0]
-        fix = (
-            f"run on a process count in {counts}"
-            if counts
-            else f"set grpo.per_device_train_batch_size to a divisor of {completions}"
-        )
+        fix = _fix(completions, per_device, "grpo.per_device_train_batch_size")
         raise BatchError(
             f"batch.prompts_per_update={prompts_per_update} (x grpo.num_generations={num_generations} = {completions} "
             f"completions) cannot be met on {world}: one micro-step over all processes is "
@@ -182,9 +185,17 @@ def rl_batch(
     return RLBatch(rollout_prompts, prompts_per_update, num_generations, per_device, world, accumulation)
 
 
-def _requested(cfg: DictConfig, *keys: str) -> bool:
+def _requested(cfg: DictConfig, derived_key: str, example: str, *keys: str) -> bool:
+    """Whether the preset states the global numbers ``batch.<keys>`` (all or none of them);
+    when it states none, the per-process ``derived_key`` they would set must be given."""
     values = [OmegaConf.select(cfg, f"batch.{k}", default=None) for k in keys]
     if all(v is None for v in values):
+        if OmegaConf.select(cfg, derived_key, default=1) is None:
+            names = " and ".join(f"batch.{k}" for k in keys)
+            raise BatchError(
+                f"{derived_key}=null is derived from {names}, which {'are' if len(keys) > 1 else 'is'} null too: "
+                f"set {'them' if len(keys) > 1 else 'it'} (e.g. {example}) or {derived_key}"
+            )
         return False
     if any(v is None for v in values):
         raise BatchError(f"set all of batch.{', batch.'.join(keys)} or none of them (got {values})")
@@ -197,12 +208,7 @@ def apply_sft_batch(cfg: DictConfig, world: World | Callable[[], World]) -> SFTB
     untouched) when the preset states no global batch. The loss of a step is normalised by
     the whole accumulated batch's target tokens whatever the strategy (``SFTModule``), so
     the accumulation derived here changes no normalisation."""
-    if not _requested(cfg, "sequences_per_step"):
-        if OmegaConf.select(cfg, "trainer.accumulate_grad_batches", default=1) is None:
-            raise BatchError(
-                "trainer.accumulate_grad_batches=null is derived from batch.sequences_per_step, which is null too: "
-                "set batch.sequences_per_step (e.g. 128) or trainer.accumulate_grad_batches"
-            )
+    if not _requested(cfg, "trainer.accumulate_grad_batches", "128", "sequences_per_step"):
         return None
     derived = sft_batch(
         int(cfg.batch.sequences_per_step),
@@ -228,12 +234,7 @@ def apply_rl_batch(cfg: DictConfig, world: World) -> RLBatch | None:
     """Set ``grpo.gradient_accumulation_steps`` and ``grpo.generation_batch_size`` from
     ``batch.rollout_prompts`` / ``batch.prompts_per_update`` and the world size; None
     (config untouched) when the preset states no global batch."""
-    if not _requested(cfg, "rollout_prompts", "prompts_per_update"):
-        if OmegaConf.select(cfg, "grpo.gradient_accumulation_steps", default=1) is None:
-            raise BatchError(
-                "grpo.gradient_accumulation_steps=null is derived from batch.rollout_prompts and "
-                "batch.prompts_per_update, which are null too: set them (e.g. 256 and 32) or the grpo.* sizes"
-            )
+    if not _requested(cfg, "grpo.gradient_accumulation_steps", "256 and 32", "rollout_prompts", "prompts_per_update"):
         return None
     derived = rl_batch(
         int(cfg.batch.rollout_prompts),
