@@ -1,7 +1,7 @@
 """Evaluate a trained model.
 
     python src/eval.py ckpt=<run | HF dir | .ckpt> benchmark=paper_math8   # the paper's eight, Table 1
-    python src/eval.py ckpt=<...> benchmark=aime24 num_samples=8
+    python src/eval.py ckpt=<...> benchmark=aime24 sampling.num_samples=8
     python src/eval.py ckpt=<...> benchmark=gsm8k backend=vllm            # on a GPU
     python src/eval.py ckpt=<...> data=local data.path=<file>             # any eval file
     python src/eval.py ckpt=<...> benchmark=paper_math8 resume=<eval run dir>

@@ -516,7 +516,7 @@ def test_killed_suite_resumes_where_it_stopped(tmp_path, cache_dir, monkeypatch)
                 tmp_path / "third",
                 cache_dir,
                 *SUITE,
-                "num_samples=4",
+                "sampling.num_samples=4",
                 "pass1=sample",
                 f"resume={first}",
             )
@@ -572,8 +572,8 @@ def test_suite_end_to_end_with_the_tiny_model(tmp_path, cache_dir, tiny_model_di
         *SUITE,
         f"ckpt={tiny_model_dir}",
         "num_prompts=1",
-        "max_new_tokens=4",
-        "max_batch_tokens=256",
+        "sampling.max_new_tokens=4",
+        "sampling.max_batch_tokens=256",
     )
     summary = evaluate(cfg)
     assert list(summary["table"]) == [*PAPER8, "average"]

@@ -32,7 +32,7 @@ from sedsft.evaluation.sampling import (
 from sedsft.sft.training import train
 
 RL_SAMPLE = ROOT / "tests" / "fixtures" / "math_dapo_rl_sample.parquet"  # first 12 rows of the file below
-SMALL_EVAL = ["num_prompts=3", "num_samples=3", "max_new_tokens=12", "batch_size=2"]
+SMALL_EVAL = ["num_prompts=3", "sampling.num_samples=3", "sampling.max_new_tokens=12", "sampling.batch_size=2"]
 
 
 def entropy(probs: list[float]) -> float:
@@ -108,10 +108,12 @@ def test_sampling_is_batched_seeded_and_restores_model_and_tokenizer(trained_run
 
 
 def test_sampling_settings_from_a_config_block_and_refused_values():
-    # a block's own sampling knobs are read, its other knobs left to it; fixed values win
-    block = {"enabled": True, "num_prompts": 64, "num_samples": 4, "temperature": 0.7, "max_batch_tokens": None}
+    # a sampling block is read whole; fixed values win; absent keys keep their defaults
+    block = {"num_samples": 4, "temperature": 0.7, "max_batch_tokens": None, "seed": 1}
     settings = SamplingSettings.from_config(block, seed=42)
     assert settings == SamplingSettings(num_samples=4, temperature=0.7, seed=42)
+    with pytest.raises(ValueError, match=r"heldout.sampling: unknown key\(s\) \['num_prompts', 'num_sample'\]"):
+        SamplingSettings.from_config({"num_sample": 4, "num_prompts": 3}, where="heldout.sampling")
     assert (settings.max_new_tokens, settings.top_p, settings.batch_size) == (256, 1.0, 16)  # the defaults
     assert settings.drawn() == {"num_samples": 4, "max_new_tokens": 256, "temperature": 0.7, "top_p": 1.0, "seed": 42}
     with pytest.raises(ValueError, match=r"temperature=0 \(greedy\) with num_samples=4"):

@@ -135,7 +135,7 @@ def test_eval_preset_samples_four_benchmarks_64_times_with_vllm(composed):
 
     assert pass_at_k_curve(64) == [1, 2, 4, 8, 16, 32, 64]
     assert cfg.backend == "vllm" and cfg.vllm.tensor_parallel_size == 1 and cfg.vllm.max_model_len == 4096
-    assert cfg.num_samples is None and cfg.temperature is None  # nothing top-level overrides the benchmarks
+    assert cfg.sampling.num_samples is None and cfg.sampling.temperature is None  # nothing run-wide overrides the benchmarks
 
 
 def test_grid_runs_three_losses_by_three_seeds_one_job_at_a_time(tmp_path):
@@ -281,7 +281,7 @@ def test_one_job_of_the_grid_runs_end_to_end_on_cpu_with_the_tiny_model(tmp_path
     eval_add = [
         *[f"benchmarks.{name}.path={files[name]}" for name in BENCHMARKS],  # data
         "backend=hf", "device=cpu",  # device
-        "num_prompts=2", "num_samples=2", "max_new_tokens=16",  # budget
+        "num_prompts=2", "sampling.num_samples=2", "sampling.max_new_tokens=16",  # budget
     ]  # fmt: skip
     sweep = tmp_path / "sweep"
     command = [

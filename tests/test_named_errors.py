@@ -57,7 +57,7 @@ def rl_config(tmp_path: Path, *overrides: str):
         (["grpo.delta=1.0"], "grpo.delta=1.0 must be > 1"),
         (["grpo.learning_rate=abc"], "grpo.learning_rate='abc' must be a number"),
         (["max_prompt_length=0"], "max_prompt_length=0 must be >= 1"),
-        (["heldout.enabled=true", "heldout.num_samples=0"], "heldout.num_samples=0 must be >= 1"),
+        (["heldout.enabled=true", "heldout.sampling.num_samples=0"], "heldout.sampling.num_samples=0 must be >= 1"),
     ],
 )
 def test_bad_grpo_knob_stops_before_anything_is_loaded(tmp_path, no_loading, overrides, message):
@@ -73,12 +73,12 @@ def test_bad_grpo_knob_stops_before_anything_is_loaded(tmp_path, no_loading, ove
 def test_every_bad_grpo_knob_is_named_at_once(tmp_path):
     from sedsft.rl.checks import validate_rl_config
 
-    cfg = rl_config(tmp_path, "policy=p", "grpo.learning_rate=0", "grpo.epsilon=-1", "heldout.top_p=1.5")
+    cfg = rl_config(tmp_path, "policy=p", "grpo.learning_rate=0", "grpo.epsilon=-1", "heldout.sampling.top_p=1.5")
     with pytest.raises(ValueError) as caught:
         validate_rl_config(cfg)
     lines = str(caught.value).splitlines()
     assert lines[0] == "invalid configuration:"
-    assert [line.split("=")[0].strip() for line in lines[1:]] == ["grpo.learning_rate", "grpo.epsilon", "heldout.top_p"]
+    assert [line.split("=")[0].strip() for line in lines[1:]] == ["grpo.learning_rate", "grpo.epsilon", "heldout.sampling.top_p"]
     validate_rl_config(rl_config(tmp_path, "policy=p"))  # the shipped presets pass
     for preset in ("rl_paper_llama32_3b", "rl_paper_qwen25_math_7b"):
         validate_rl_config(compose_config(tmp_path, tmp_path, f"experiment={preset}", "policy=p", "data.path=x.parquet",

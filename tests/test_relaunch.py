@@ -137,7 +137,7 @@ def test_eval_resume_refuses_a_directory_that_is_not_an_eval_run(tmp_path, cache
 
     # an evaluation of the data= set is not continued as a benchmark run (or the reverse)
     data_run = tmp_path / "data_eval"
-    evaluate(compose_eval(data_run, cache_dir, "num_prompts=2", "num_samples=2"))
+    evaluate(compose_eval(data_run, cache_dir, "num_prompts=2", "sampling.num_samples=2"))
     flat = (data_run / "metrics.json").read_text()
     with pytest.raises(ValueError, match=r"it evaluated the data= set, this run asks for benchmarks \['gsm8k'\]"):
         evaluate(compose_eval(tmp_path / "eval", cache_dir, "benchmark=gsm8k", *fixtures(), f"resume={data_run}"))

@@ -260,9 +260,9 @@ TINY_GRPO = [
     "grpo.learning_rate=5e-3",  # large enough that the second update of a batch is off-policy
     "grpo.save_steps=1",  # checkpoint-1 lies inside the first rollout batch
     "heldout.num_prompts=2",
-    "heldout.num_samples=2",
+    "heldout.sampling.num_samples=2",
     "heldout.every_n_steps=2",
-    "heldout.batch_size=2",
+    "heldout.sampling.batch_size=2",
 ]
 
 

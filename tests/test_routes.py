@@ -416,11 +416,11 @@ def test_one_routes_job_runs_every_stage(tmp_path):
 
     sft = ["experiment=routes", "model.pretrain_steps=4", "data.train.n=48", "data.val.n=8", "data.batch_size=8",
            "trainer.max_steps=2", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
-           "callbacks.generation_eval.num_prompts=2", "callbacks.generation_eval.num_samples=2",
-           "callbacks.generation_eval.max_new_tokens=8"]  # fmt: skip
+           "callbacks.generation_eval.num_prompts=2", "callbacks.generation_eval.sampling.num_samples=2",
+           "callbacks.generation_eval.sampling.max_new_tokens=8"]  # fmt: skip
     rl = ["experiment=rl_routes", "data.train.n=16", "grpo.max_steps=2", "grpo.generation_batch_size=8",
           "grpo.num_generations=4", "grpo.per_device_train_batch_size=4", "grpo.max_completion_length=8",
-          "grpo.save_steps=100", "heldout.num_prompts=4", "heldout.num_samples=2", "heldout.batch_size=2",
+          "grpo.save_steps=100", "heldout.num_prompts=4", "heldout.sampling.num_samples=2", "heldout.sampling.batch_size=2",
           "++grpo.disable_tqdm=true"]  # fmt: skip
 
     def as_list(items):

@@ -23,8 +23,8 @@ from sedsft.utils.threads import AUTO_MAX, resolve_cpu_threads, set_cpu_threads
 
 SMALL_GENERATION = [
     "callbacks.generation_eval.num_prompts=4",
-    "callbacks.generation_eval.num_samples=2",
-    "callbacks.generation_eval.max_new_tokens=16",
+    "callbacks.generation_eval.sampling.num_samples=2",
+    "callbacks.generation_eval.sampling.max_new_tokens=16",
 ]
 
 

@@ -24,8 +24,8 @@ from sedsft.utils.analysis import read_histograms
 
 SMALL_GENERATION = [
     "callbacks.generation_eval.num_prompts=4",
-    "callbacks.generation_eval.num_samples=4",
-    "callbacks.generation_eval.max_new_tokens=24",
+    "callbacks.generation_eval.sampling.num_samples=4",
+    "callbacks.generation_eval.sampling.max_new_tokens=24",
 ]
 
 

@@ -76,7 +76,7 @@ def eval_prompts(data_cfg: DictConfig, limit: int | None) -> list[tuple[list[dic
 
 
 def _pick(cfg: DictConfig, key: str, default: Any) -> Any:
-    """A top-level knob when set (it overrides every eval set), else ``default``."""
+    """A knob of the run's config block ``cfg`` when set (it overrides every eval set), else ``default``."""
     value = cfg.get(key)
     return default if value is None else value
 
@@ -91,15 +91,12 @@ def data_eval_set(cfg: DictConfig) -> EvalSet:
 
 
 def _settings(cfg: DictConfig, defaults: dict[str, Any]) -> SamplingSettings:
-    """The eval set's own sampling (``defaults``) under the top-level knobs that are set;
-    the seed and the HF backend's batching are the run's."""
-    drawn = {
-        key: cast(_pick(cfg, key, defaults[key]))
-        for key, cast in (("num_samples", int), ("max_new_tokens", int), ("temperature", float), ("top_p", float))
-    }  # fmt: skip
-    return SamplingSettings(
-        **drawn, seed=cfg.seed, batch_size=cfg.batch_size, max_batch_tokens=cfg.max_batch_tokens
-    )
+    """The run's ``sampling:`` block, passed whole, its null keys taken from the eval set's
+    own sampling (``defaults``); the seed is the run's."""
+    block = dict(cfg.sampling)
+    for key, cast in (("num_samples", int), ("max_new_tokens", int), ("temperature", float), ("top_p", float)):
+        block[key] = cast(_pick(cfg.sampling, key, defaults[key]))
+    return SamplingSettings.from_config(block, where="sampling", seed=cfg.seed)
 
 
 def benchmark_specs(cfg: DictConfig) -> list[BenchmarkSpec]:
@@ -123,12 +120,13 @@ def benchmark_eval_set(cfg: DictConfig, spec: BenchmarkSpec) -> EvalSet:
         defaults.update(pass1_sampling(estimator))
         if (
             estimator == "greedy"
-            and (cfg.get("num_samples") or 1) > 1
-            and cfg.get("temperature") is None
+            and (cfg.sampling.get("num_samples") or 1) > 1
+            and cfg.sampling.get("temperature") is None
         ):
+            n = cfg.sampling.num_samples
             raise ValueError(
-                f"num_samples={cfg.num_samples} with pass1=greedy: greedy pass@1 takes one answer per problem; "
-                f"pass pass1=mean@{cfg.num_samples} (n samples, the unbiased pass@1) or pass1=sample as well"
+                f"sampling.num_samples={n} with pass1=greedy: greedy pass@1 takes one answer per problem; "
+                f"pass pass1=mean@{n} (n samples, the unbiased pass@1) or pass1=sample as well"
             )
     return EvalSet(spec.name, problems, _settings(cfg, defaults), spec)
 

@@ -119,12 +119,19 @@ class SamplingSettings:
         check_greedy(self.temperature, self.num_samples)
 
     @classmethod
-    def from_config(cls, block: Mapping[str, Any], **fixed: Any) -> SamplingSettings:
-        """The settings named in a config block (``heldout``, a callback's, ...): its keys
-        that are fields here, the other keys left to their owner; ``fixed`` (e.g. the
-        run's seed) overrides the block; fields absent from both keep their defaults."""
-        picked = {f.name: block[f.name] for f in fields(cls) if f.name in block}
-        return cls(**{**picked, **fixed})
+    def from_config(cls, block: Mapping[str, Any], where: str = "sampling", **fixed: Any) -> SamplingSettings:
+        """The settings of a config's ``sampling:`` block (``heldout.sampling``, a callback's
+        ``sampling``, ...), passed whole; ``fixed`` (e.g. the run's seed) overrides the block;
+        fields absent from both keep their defaults. A key that is no field here is refused,
+        named by ``where`` (the block's path in the config)."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(block) - names)
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown key(s) {unknown}; a sampling block takes {sorted(names)} "
+                f"(sedsft.evaluation.sampling.SamplingSettings)"
+            )
+        return cls(**{**block, **fixed})
 
     def drawn(self) -> dict[str, Any]:
         """The fields that decide the samples (not how the work is batched)."""

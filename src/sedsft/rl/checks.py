@@ -52,13 +52,13 @@ RL_KNOBS: dict[str, tuple[type, Any, Any, bool, str]] = {
     "grpo.save_steps": (float, ("open", 0), None, False, "updates between checkpoints, e.g. 64"),
     "max_prompt_length": (int, 1, None, True, "prompt tokens kept, e.g. 1024, or null"),
     "heldout.num_prompts": (int, 1, None, True, "held-out prompts, e.g. 64, or null = all"),
-    "heldout.num_samples": (int, 1, None, False, "completions per held-out prompt, e.g. 8"),
     "heldout.every_n_steps": (int, 0, None, False, "updates between held-out passes, 0 = start and end only"),
-    "heldout.max_new_tokens": (int, 1, None, False, "e.g. 3072"),
-    "heldout.temperature": (float, ("open", 0), None, False, "e.g. 1.0"),
-    "heldout.top_p": (float, ("open", 0), 1, False, "e.g. 1.0"),
-    "heldout.batch_size": (int, 1, None, False, "prompts per generate call, e.g. 16"),
-    "heldout.max_batch_tokens": (int, 1, None, True, "e.g. 65536, or null"),
+    "heldout.sampling.num_samples": (int, 1, None, False, "completions per held-out prompt, e.g. 8"),
+    "heldout.sampling.max_new_tokens": (int, 1, None, False, "e.g. 3072"),
+    "heldout.sampling.temperature": (float, ("open", 0), None, False, "e.g. 1.0"),
+    "heldout.sampling.top_p": (float, ("open", 0), 1, False, "e.g. 1.0"),
+    "heldout.sampling.batch_size": (int, 1, None, False, "prompts per generate call, e.g. 16"),
+    "heldout.sampling.max_batch_tokens": (int, 1, None, True, "e.g. 65536, or null"),
 }
 
 

@@ -242,7 +242,7 @@ def build_heldout(
         return None
     prompts, golds, name = found
     classifier = cfg.heldout.get("sample_classifier")
-    sampling = SamplingSettings.from_config(cfg.heldout, seed=cfg.seed)
+    sampling = SamplingSettings.from_config(cfg.heldout.sampling, where="heldout.sampling", seed=cfg.seed)
     heldout = HeldoutEval(prompts, golds, tokenizer, tensorboard, sampling, every_n_steps=cfg.heldout.every_n_steps,
                           classify=hydra.utils.get_method(classifier) if classifier else None)  # fmt: skip
     heldout.stopping = lambda: stop.signalled

@@ -182,9 +182,9 @@ def verl_overrides(cfg: DictConfig, train_file: str, val_file: str | None) -> li
         f"actor_rollout_ref.rollout.top_p={grpo.get('top_p', 1.0)}",
         f"actor_rollout_ref.rollout.top_k={int(grpo.get('top_k') or 0) or -1}",
         f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={sizes['ppo_micro_batch_size_per_gpu']}",
-        f"actor_rollout_ref.rollout.val_kwargs.n={cfg.heldout.num_samples}",
-        f"actor_rollout_ref.rollout.val_kwargs.temperature={cfg.heldout.temperature}",
-        f"actor_rollout_ref.rollout.val_kwargs.top_p={cfg.heldout.top_p}",
+        f"actor_rollout_ref.rollout.val_kwargs.n={cfg.heldout.sampling.num_samples}",
+        f"actor_rollout_ref.rollout.val_kwargs.temperature={cfg.heldout.sampling.temperature}",
+        f"actor_rollout_ref.rollout.val_kwargs.top_p={cfg.heldout.sampling.top_p}",
         "actor_rollout_ref.rollout.val_kwargs.do_sample=True",
     ]
     if float(grpo.get("weight_decay", 0.0)) != VERL_WEIGHT_DECAY:  # verl's default otherwise

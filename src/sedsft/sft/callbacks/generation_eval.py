@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -30,7 +31,7 @@ def _gather(obj: Any) -> list[Any]:
 
 class GenerationEval(L.Callback):
     """Every ``every_n_val_epochs`` validations, and at the validation that ends training,
-    sample ``num_samples`` completions for ``num_prompts`` held-out prompts and log ``gen/*``:
+    sample ``sampling.num_samples`` completions for ``num_prompts`` held-out prompts and log ``gen/*``:
     distinct-1..4, self-BLEU, sampled token entropy, pass@1, pass@k, avg@k; plus a text
     panel with a few prompts.
 
@@ -41,13 +42,12 @@ class GenerationEval(L.Callback):
         every_n_val_epochs: run on every n-th validation (1: every validation); the
             validation at the end of training always runs it.
         num_prompts: held-out prompts sampled (the first ones of the validation split).
-        num_samples: completions per prompt (the k of pass@k and avg@k).
-        max_new_tokens: generation budget per completion.
-        temperature: sampling temperature.
-        top_p: nucleus sampling threshold.
-        batch_size: prompts per ``generate`` call.
+        sampling: the config's ``sampling:`` block (or the settings themselves), read whole
+            into ``SamplingSettings``: completions per prompt (the k of pass@k and avg@k),
+            generation budget, temperature, top-p, prompts per ``generate`` call and the seed
+            (1234 when absent; the same on every evaluation, so successive evaluations differ
+            only by the model; each rank adds its rank).
         log_prompts: prompts shown (with all their samples) in the TensorBoard text panel.
-        seed: sampling seed, so successive evaluations differ only by the model.
         sample_classifier: dotted path of a function text -> label (e.g.
             ``sedsft.data.toy_math.classify_style``); adds gen/label_entropy,
             gen/labels_per_prompt and gen/label_frac/<label>. The config takes the data
@@ -58,20 +58,17 @@ class GenerationEval(L.Callback):
         self,
         every_n_val_epochs: int = 1,
         num_prompts: int = 32,
-        num_samples: int = 8,
-        max_new_tokens: int = 128,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        batch_size: int = 16,
+        sampling: Mapping[str, Any] | SamplingSettings | None = None,
         log_prompts: int = 3,
-        seed: int = 1234,
         sample_classifier: str | None = None,
     ):
         if every_n_val_epochs < 1:
             raise ValueError(f"every_n_val_epochs must be >= 1, got {every_n_val_epochs}")
         self.every_n_val_epochs, self.num_prompts, self.log_prompts = every_n_val_epochs, num_prompts, log_prompts
-        self.sampling = SamplingSettings(num_samples=num_samples, max_new_tokens=max_new_tokens, temperature=temperature,
-                                         top_p=top_p, seed=seed, batch_size=batch_size)  # fmt: skip
+        if not isinstance(sampling, SamplingSettings):
+            block = {"max_new_tokens": 128, "seed": 1234, **(sampling or {})}
+            sampling = SamplingSettings.from_config(block, where="callbacks.generation_eval.sampling")
+        self.sampling = sampling
         self.classify = hydra.utils.get_method(sample_classifier) if sample_classifier else None
         self._validations = 0
         self.last_metrics: dict[str, float] = {}
@@ -86,7 +83,8 @@ class GenerationEval(L.Callback):
         prompts = trainer.datamodule.prompts("val", limit=self.num_prompts)
         mine = prompts[trainer.global_rank :: trainer.world_size]
         # Same seed on every evaluation: sample differences come from the model only.
-        settings = replace(self.sampling, seed=self.sampling.seed + trainer.global_rank)
+        seed = self.sampling.seed
+        settings = replace(self.sampling, seed=None if seed is None else seed + trainer.global_rank)
         with torch.random.fork_rng(devices=[] if pl_module.device.type == "cpu" else [pl_module.device]):
             done = dict(iter_samples(pl_module.model, pl_module.tokenizer, [p for p, _ in mine], settings))
         # every rank's (prompt, its samples); the entropy is pooled over all sampled positions
