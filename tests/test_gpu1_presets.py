@@ -28,7 +28,7 @@ def stages(tmp_path: Path, *overrides: str) -> tuple:
     from hydra import initialize_config_dir
 
     from sedsft.pipeline.evaluation import composable, eval_overrides
-    from sedsft.pipeline.run import stage_config, stage_overrides
+    from sedsft.pipeline.stages import stage_config, stage_overrides
 
     cfg = compose_config(tmp_path, tmp_path, "grid=gpu1_routes_test", *overrides, shrink=False, name="pipeline.yaml")
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):

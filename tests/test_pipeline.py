@@ -71,12 +71,12 @@ def test_summary_tables_and_files(tmp_path):
 def test_pipeline_and_grid_presets_compose(tmp_path):
     cfg = compose_config(tmp_path, tmp_path, "loss=sed", "loss.lam=0.5", "seed=3", shrink=False, name="pipeline.yaml")
     assert cfg.loss.name == "sed" and list(cfg.stages) == ["sft", "positions", "rl"]
-    from sedsft.pipeline.run import stage_overrides
+    from sedsft.pipeline.stages import stage_overrides
 
     sft = stage_overrides(cfg, "sft", tmp_path)
     assert sft[:4] == ["loss=sed", "loss.lam=0.5", "seed=3", f"paths.output_dir={tmp_path / 'sft'}"]
     assert stage_overrides(cfg, "rl", tmp_path)[0] == f"policy={tmp_path / 'sft'}"
-    from sedsft.pipeline.run import loss_label
+    from sedsft.pipeline.stages import loss_label
 
     assert loss_label() == "sed[loss.lam=0.5]"  # a grid over a knob keeps its settings apart
     grid = compose_config(tmp_path, tmp_path, "grid=toy_claim", shrink=False, name="pipeline.yaml")
@@ -86,7 +86,7 @@ def test_pipeline_and_grid_presets_compose(tmp_path):
 
 
 def test_added_overrides_extend_the_stage_base_and_a_silent_replacement_is_refused(tmp_path, cache_dir):
-    from sedsft.pipeline.run import stage_overrides
+    from sedsft.pipeline.stages import stage_overrides
     from test_relaunch import pipeline_config, run_job
 
     cfg = pipeline_config(tmp_path / "job", cache_dir, "sft.add=['trainer.max_steps=2']", "rl.add=['grpo.max_steps=3']")
@@ -105,7 +105,8 @@ def test_added_overrides_extend_the_stage_base_and_a_silent_replacement_is_refus
 
 
 def test_a_job_names_its_tensorboard_run_by_the_stage_experiment_and_ends_with_both_stages():
-    from sedsft.pipeline.run import job_report, stage_experiment
+    from sedsft.pipeline.run import job_report
+    from sedsft.pipeline.stages import stage_experiment
 
     assert stage_experiment(["loss=sed", "experiment=toy", "trainer.max_steps=2"]) == "toy"
     assert stage_experiment(["loss=sed"]) is None

@@ -255,7 +255,7 @@ def test_rl_presets_follow_the_released_data_and_scorer(tmp_path, preset):
 def test_slurm_grids_start_one_task_per_gpu_and_name_every_file(tmp_path, grid, model):
     from hydra import initialize_config_dir
 
-    from sedsft.pipeline.run import stage_config, stage_overrides
+    from sedsft.pipeline.stages import stage_config, stage_overrides
 
     cfg = compose_config(tmp_path, tmp_path, f"grid={grid}", "loss=sed_release", shrink=False, name="pipeline.yaml")
     launcher = OmegaConf.load(ROOT / "configs" / "grid" / "paper_slurm.yaml").hydra.launcher

@@ -68,7 +68,7 @@ def test_job_directory_of_an_earlier_version_is_read_from_pipeline_json(tmp_path
 
 
 def test_relaunch_continues_rl_from_its_newest_checkpoint(tmp_path, cache_dir):
-    from sedsft.pipeline.run import stage_overrides
+    from sedsft.pipeline.stages import stage_overrides
 
     job = tmp_path / "job"
     cfg = pipeline_config(job, cache_dir, "loss=ce", "seed=1")

@@ -100,22 +100,16 @@ class Ranges:
                 f"routes ranges: need max_change >= 1 and hard_max <= cap + max_change (a hard running "
                 f"total is a covered start plus one change), got {asdict(self)}"
             )
-        if self.cap + self.max_change >= toy_math_whole_numbers():
+        if self.cap + self.max_change >= toy_math.WHOLE_NUMBERS:
             raise ValueError(
                 f"routes ranges: starts reach cap + max_change = {self.cap + self.max_change}, past the "
-                f"tiny tokenizer's whole-number tokens 0..{toy_math_whole_numbers() - 1}; lower cap or max_change"
+                f"tiny tokenizer's whole-number tokens 0..{toy_math.WHOLE_NUMBERS - 1}; lower cap or max_change"
             )
 
     @property
     def start_max(self) -> int:
         """Largest start: ``cap``, or ``cap + max_change`` with ``seen_above_cap``."""
         return self.cap + self.max_change if self.seen_above_cap else self.cap
-
-
-def toy_math_whole_numbers() -> int:
-    from sedsft.models.tiny import WHOLE_NUMBERS
-
-    return WHOLE_NUMBERS
 
 
 def difficulty(start: int, first: int, second: int, ranges: Ranges) -> str | None:

@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
-from sedsft.metrics import sandbox
+import sedsft.metrics.sandbox as sandbox
 from sedsft.metrics.answer_limits import refusal
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ the same ``from_pretrained`` code path that real models take.
 Numbers are whole tokens (``"18"`` is one token, 0-63 are guaranteed), not digits: the
 toy's sums are a lookup from two number tokens to one, which a 0.9M-parameter model
 learns in a few hundred steps, while digit-by-digit sums with carries were still at
-chance after 900 steps and took about 2,500 (toy-lab measurements, README).
+chance after 900 steps and took about 2,500 (toy-lab measurements).
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 TASKS = ("toy_math", "routes")
 """What a tiny base is pretrained on: the toy (``toy_math``) or the routes task
 (``toy_routes``, covered range only)."""
-WHOLE_NUMBERS = 64  # 0 .. WHOLE_NUMBERS-1 are single tokens when the vocabulary holds every merge
 _NUMBER_LINE_REPEATS = 50  # copies of "0 1 ... 63" in the tokenizer corpus
 
 
@@ -79,10 +78,10 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
 
     Digit runs are split off before BPE, so merges never mix digits with letters; a run
     of digits is then merged into one token when the corpus makes it frequent, which a
-    number line added here guarantees for 0 .. ``WHOLE_NUMBERS - 1``. The result has
+    number line added here guarantees for 0 .. ``toy_math.WHOLE_NUMBERS - 1``. The result has
     exactly ``vocab_size`` tokens when the corpus has that many merges, fewer otherwise.
     """
-    number_line = " ".join(map(str, range(WHOLE_NUMBERS)))
+    number_line = " ".join(map(str, range(toy_math.WHOLE_NUMBERS)))
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -252,7 +251,7 @@ class TinyLMSpec(CausalLMSpec):
         pretrain_steps: steps of toy-text pretraining that teach the task and give the
             model a prior over solution styles (0: random initialisation). The sums are
             learnt late: after CE-SFT on the toy mix, held-out pass@1 was 0.32 with 1000
-            steps and 0.53 with 1600 (README, toy lab).
+            steps and 0.53 with 1600 (toy lab).
         pretrain: options of ``pretrain`` (batch_size, lr, style_weights).
         task: what the base is pretrained on and its tokenizer learns from: ``toy_math``
             (the toy lab) or ``routes`` (the routes task's covered range).

@@ -26,6 +26,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from sedsft.pipeline.stages import release_gpu_memory, stage_config
+
 log = logging.getLogger(__name__)
 
 EVAL_SCRIPT = Path(__file__).resolve().parents[3] / "src" / "eval.py"
@@ -106,7 +108,6 @@ def eval_env() -> dict[str, str]:
 def run_eval(cfg: DictConfig, job_dir: Path) -> dict[str, float]:
     """Evaluate each of ``eval.policies`` in its own ``src/eval.py`` process; write and return
     ``<job dir>/eval/metrics.json``."""
-    from sedsft.pipeline.run import release_gpu_memory
 
     metrics: dict[str, float] = {}
     for policy in eval_policies(cfg):
@@ -136,7 +137,6 @@ def run_eval(cfg: DictConfig, job_dir: Path) -> dict[str, float]:
 def check_eval_stage(cfg: DictConfig, job_dir: Path) -> None:
     """The eval stage's policies and overrides, composed when the job starts, so a typo in a
     benchmark knob stops the job before SFT rather than after RL."""
-    from sedsft.pipeline.run import stage_config
 
     check_single_process()
     try:

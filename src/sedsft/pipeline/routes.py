@@ -30,6 +30,7 @@ from sedsft.data import toy_routes
 from sedsft.data.route_steps import steps_hold
 from sedsft.metrics import is_correct
 from sedsft.metrics.pass_at_k import pass_at_k
+from sedsft.pipeline.stages import stage_config, stage_overrides
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,6 @@ def run_routes(cfg, job_dir: Path) -> dict[str, float]:
 
     from sedsft.checkpoints import load_model
     from sedsft.data.sources import RoutesSource
-    from sedsft.pipeline.run import stage_config, stage_overrides
 
     rl_cfg = stage_config("rl", stage_overrides(cfg, "rl", job_dir))
     source = hydra.utils.instantiate(rl_cfg.data.get("val")) if rl_cfg.data.get("val") is not None else None

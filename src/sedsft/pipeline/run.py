@@ -21,11 +21,17 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from sedsft.pipeline.job import claim_job_dir, job_identity
+from sedsft.pipeline.stages import (
+    loss_label,
+    release_gpu_memory,
+    stage_config,
+    stage_experiment,
+    stage_overrides,
+)
 
 log = logging.getLogger(__name__)
 
@@ -35,41 +41,14 @@ RL_KEYS_BEFORE = "heldout_before/"  # held-out metrics of the SFT policy (before
 RL_KEYS_AFTER = "heldout/"  # held-out metrics after RL
 
 
-def stage_experiment(overrides: list[str]) -> str | None:
-    """The ``experiment=`` a stage's overrides choose (the last one), else None."""
-    chosen = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("experiment=")]
-    return chosen[-1] if chosen else None
 
 
-def stage_config(name: str, overrides: list[str]) -> DictConfig:
-    """The composed config of one stage (``train`` or ``rl``), as its main would see it."""
-    return compose(config_name=name, overrides=overrides)
 
 
-def loss_overrides() -> list[str]:
-    """The job's loss as SFT overrides: its ``loss`` group choice and any ``loss.<knob>=``
-    given to the pipeline (``python src/pipeline.py loss=sed loss.lam=0.5``)."""
-    hydra_cfg = HydraConfig.get()
-    knobs = [o for o in hydra_cfg.overrides.task if o.startswith("loss.")]
-    return [f"loss={hydra_cfg.runtime.choices['loss']}", *knobs]
 
 
-def loss_label() -> str:
-    """The job's loss as the summary names it: the ``loss`` choice, with the ``loss.<knob>=``
-    overrides in brackets when there are any (``sed[loss.tau=0.98]``), so a grid over a
-    knob keeps its settings apart."""
-    choice, *knobs = loss_overrides()
-    name = choice.split("=", 1)[1]
-    return f"{name}[{','.join(knobs)}]" if knobs else name
 
 
-def stage_overrides(cfg: DictConfig, stage: str, job_dir: Path) -> list[str]:
-    """Overrides for one stage: the job's seed (and loss for SFT), its output directory,
-    and the user's ``<stage>.overrides``."""
-    common = [f"seed={cfg.seed}", f"paths.output_dir={job_dir / stage}"]
-    if stage == "sft":
-        return [*loss_overrides(), *common, *cfg.sft.overrides, *cfg.sft.get("add", [])]
-    return [f"policy={job_dir / 'sft'}", *common, *rl_resume(job_dir / stage), *cfg.rl.overrides, *cfg.rl.get("add", [])]
 
 
 def check_replaced_overrides(cfg: DictConfig) -> None:
@@ -96,16 +75,6 @@ def check_replaced_overrides(cfg: DictConfig) -> None:
             )
 
 
-def rl_resume(rl_dir: Path) -> list[str]:
-    """``resume=<job dir>/rl`` when an earlier launch of the job left RL checkpoints there (it was
-    killed during RL): the relaunch continues from the newest one instead of from step 0."""
-    from sedsft.rl.training import find_checkpoint
-
-    try:
-        find_checkpoint(rl_dir)
-    except FileNotFoundError:
-        return []
-    return [f"resume={rl_dir}"]
 
 
 def run_stage(cfg: DictConfig, stage: str, job_dir: Path) -> dict[str, float]:
@@ -145,17 +114,6 @@ def run_stage(cfg: DictConfig, stage: str, job_dir: Path) -> dict[str, float]:
     return train(stage_cfg)
 
 
-def release_gpu_memory() -> None:
-    """Give back to the device what the caching allocator still keeps of a finished stage, so the
-    next stage (vLLM sizes its KV cache from the free memory) and the eval stage's own process
-    find it free; what live objects hold stays taken. A no-op without CUDA."""
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def run_positions(cfg: DictConfig, job_dir: Path) -> dict[str, float]:
