@@ -124,6 +124,23 @@ def test_sampling_settings_from_a_config_block_and_refused_values():
         SamplingSettings(max_batch_tokens=0)
 
 
+def test_each_config_that_samples_reads_its_sampling_block_whole(tmp_path, cache_dir):
+    """The training callback, the RL held-out evaluation and eval.py take one sampling block each."""
+    import hydra
+
+    from sedsft.sft.callbacks.generation_eval import GenerationEval
+
+    sft_cfg = compose_config(tmp_path, cache_dir, "callbacks.generation_eval.sampling.num_samples=3")
+    callback = hydra.utils.instantiate(sft_cfg.callbacks.generation_eval)
+    assert callback.sampling == SamplingSettings(num_samples=3, max_new_tokens=96, seed=1234)  # the config's block
+    assert GenerationEval().sampling == SamplingSettings(max_new_tokens=128, seed=1234)  # the class's defaults
+    with pytest.raises(ValueError, match=r"callbacks.generation_eval.sampling: unknown key\(s\) \['samples'\]"):
+        GenerationEval(sampling={"samples": 3})
+    evaluation = compose_config(tmp_path, cache_dir, "ckpt=x", "sampling.top_p=0.9", shrink=False, name="eval.yaml")
+    assert dict(evaluation.sampling) == {"num_samples": None, "max_new_tokens": None, "temperature": None,
+                                         "top_p": 0.9, "batch_size": 16, "max_batch_tokens": 32768}  # fmt: skip
+
+
 def test_pooled_entropy_weighs_every_sampled_position():
     # two prompts: entropy sums 3.0 over 2 positions, 1.0 over 4, and one sample not measured
     sums, counts = [[3.0, None], [1.0]], [[2, 0], [4]]
