@@ -13,10 +13,10 @@ import torch
 
 from conftest import project_cache
 from sedsft.data import toy_math
+from sedsft.data.toy_math import WHOLE_NUMBERS
 from sedsft.evaluation.evaluate import label_diversity
 from sedsft.metrics import is_correct
 from sedsft.models.tiny import (
-    WHOLE_NUMBERS,
     TinyArch,
     TinyLMSpec,
     build_tiny,

@@ -26,9 +26,10 @@ import math
 import torch
 from torch import Tensor
 
+import sedsft.losses.sed.calibration as calibration
 from sedsft.losses.base import Preparation, TokenLoss, check, check_lam, check_positive_int
 from sedsft.losses.engine import Chunk, ChunkResult, subtract_onehot_, topk_logits
-from sedsft.losses.sed.calibration import CALIB_POSITIONS, calibrate_tau, tau_from_topk_mass
+from sedsft.losses.sed.calibration import CALIB_POSITIONS, tau_from_topk_mass
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ class SEDLoss(TokenLoss):
         positions) for the run's logs."""
         batches = prep.heldout(self.calib_num_examples)
         # Looked up on the module at call time, so a test can count calibrations.
-        tau, mask_rate = calibrate_tau(self, batches, prep.step, prep.broadcast)
+        tau, mask_rate = calibration.calibrate_tau(self, batches, prep.step, prep.broadcast)
         log.info("calibrated tau=%.4f (mask rate %.3f on calibration positions)", tau, mask_rate)
         return {"calibration/tau": tau, "calibration/mask_rate": mask_rate}
 
