@@ -4,6 +4,7 @@ circle between modules. Every import counts, those inside functions too."""
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 from conftest import ROOT
@@ -28,9 +29,10 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports() -> dict[str, set[str]]:
+@functools.cache
+def imports() -> dict[str, frozenset[str]]:
     """Each module of the package: the package's modules it imports (``from a import b``
-    counts ``a.b`` when that is a module)."""
+    counts ``a.b`` when that is a module); parsed once for all the tests."""
     files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     out = {}
     for name, path in files.items():
@@ -40,7 +42,7 @@ def imports() -> dict[str, set[str]]:
                 found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
             elif isinstance(node, ast.Import):
                 found |= {a.name for a in node.names}
-        out[name] = {m for m in found if m in files and m != name}
+        out[name] = frozenset(m for m in found if m in files and m != name)
     return out
 
 
